@@ -1,0 +1,38 @@
+# `make demo` and `make test` set themselves up on a fresh machine. The virtual environment is
+# rebuilt only when pyproject.toml changes (a stamp file named by its hash), so a second call
+# skips the installing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# The CPU build of torch where no GPU is present; on this project's machines it lies on disk.
+TORCH_VERSION ?= 2.13.0
+HASH   := $(shell sha1sum pyproject.toml | cut -c1-12)
+STAMP  := $(VENV)/.installed-$(HASH)
+
+.PHONY: setup test demo lint bench-cpu clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(PY) -m pip install -q "torch>=2.4"; \
+	else \
+	  $(PY) -m pip install -q torch==$(TORCH_VERSION); \
+	fi
+	$(PY) -m pip install -q -e '.[platform,triton,dev]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+test: setup
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+demo: setup
+	$(PY) -m rattention.cli demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache
