@@ -79,7 +79,8 @@ def attention_decode(
     n_rep = q.shape[1] // k.shape[1]
     b, hkv, s, d = k.shape
     qg = q.reshape(b, hkv, n_rep, d)
-    scores = torch.einsum("bhgd,bhsd->bhgs", qg, k).float() * scale
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = torch.einsum("bhgd,bhsd->bhgs", qg, k).to(acc) * scale
     if valid is not None:
         scores = scores.masked_fill(~valid, float("-inf"))
     p = torch.softmax(scores, dim=-1).to(v.dtype)

@@ -1,0 +1,222 @@
+"""The decoder LM: attention (global, sliding-window or RAttention), SwiGLU MLP, pre-norm blocks.
+
+A module per concept, names from the math. The attention math itself lives in ``kernels``; this
+file wires projections, RoPE, QK-norm and the decoding cache around it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+from kernels.reference import rms_norm_heads
+from rattention.cache import GlobalCache, LocalCache, ModelCache
+from rattention.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim, computed in fp32, with a learned scale."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float() if x.dtype != torch.float64 else x
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.to(xf.dtype)).to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin of shape (len(positions), head_dim) for rotate-half RoPE."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float64) / head_dim))
+    ang = positions.to(torch.float64)[:, None] * inv[None, :]
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (..., T, D) by per-position angles; cos/sin are (T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """One attention layer. ``kind`` is 'global' (full causal), 'swa' or 'rattention'.
+
+    RAttention reuses the q/k/v projections: the window branch gets RoPE'd (and optionally
+    QK-normed) q/k, the linear branch the raw projections. Its only extra parameters are the two
+    per-head output-norm scales ``norm_swa`` (starts at 1) and ``norm_rla`` (starts at
+    ``rla_norm_init``).
+    """
+
+    def __init__(self, cfg: ModelConfig, kind: str):
+        super().__init__()
+        self.cfg, self.kind = cfg, kind
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.window = None if kind == "global" else cfg.window
+        self.use_rope = kind != "global" or not cfg.nope_global
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.output_norm = kind == "rattention" or (kind == "swa" and cfg.swa_output_norm)
+        if self.output_norm:
+            self.norm_swa = nn.Parameter(torch.ones(cfg.n_heads, cfg.head_dim))
+        if kind == "rattention":
+            self.norm_rla = nn.Parameter(torch.full((cfg.n_heads, cfg.head_dim), cfg.rla_norm_init))
+
+    # q/k for the softmax branch: QK-norm, then RoPE at absolute positions.
+    def _softmax_qk(self, x: torch.Tensor, norm: RMSNorm | None, positions: torch.Tensor) -> torch.Tensor:
+        if norm is not None:
+            x = norm(x)
+        if self.use_rope:
+            cos, sin = rope_cos_sin(positions, self.head_dim, self.cfg.rope_theta, x.dtype)
+            x = apply_rope(x, cos, sin)
+        return x
+
+    def _project(self, x: torch.Tensor):
+        b, t, _ = x.shape
+        q = self.wq(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, cache: GlobalCache | LocalCache | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        if cache is not None and cache.length > 0:
+            return torch.cat([self._step(x[:, i : i + 1], cache) for i in range(t)], dim=1)
+        q_raw, k_raw, v = self._project(x)
+        pos = torch.arange(t, device=x.device)
+        q = self._softmax_qk(q_raw, self.q_norm, pos)
+        k = self._softmax_qk(k_raw, self.k_norm, pos)
+        if self.kind == "rattention":
+            o = kernels.rattention(q, k, q_raw, k_raw, v, self.window, self.norm_swa, self.norm_rla,
+                                   self.cfg.feature_map, self.cfg.norm_eps, chunk=self.cfg.rla_chunk)
+        elif self.output_norm:
+            o = kernels.normed_attention(q, k, v, self.window, self.norm_swa, self.cfg.norm_eps)
+        else:
+            o = kernels.attention(q, k, v, self.window)
+        if cache is not None:
+            cache.prefill(k if isinstance(cache, GlobalCache) else k_raw, v, self.cfg.feature_map)
+        return self.wo(o.transpose(1, 2).reshape(b, t, -1))
+
+    def _step(self, x: torch.Tensor, cache: GlobalCache | LocalCache) -> torch.Tensor:
+        """One token at position ``cache.length`` against the cache, which it then extends."""
+        b = x.shape[0]
+        p = cache.length
+        q_raw, k_raw, v = self._project(x)
+        pos = torch.tensor([p], device=x.device)
+        q = self._softmax_qk(q_raw, self.q_norm, pos)
+        if isinstance(cache, GlobalCache):
+            cache.append(self._softmax_qk(k_raw, self.k_norm, pos), v)
+            o = kernels.attention_decode(q, cache.k, cache.v)
+        else:
+            cache.append(k_raw, v, self.cfg.feature_map)
+            slot_pos = cache.slot_positions()
+            keys = self._softmax_qk(cache.k, self.k_norm, slot_pos.clamp(min=0))
+            o = kernels.attention_decode(q, keys, cache.v, valid=slot_pos >= 0)
+            if self.kind == "rattention":
+                o_rla = kernels.rla_decode(q_raw, cache.state, self.cfg.feature_map)
+                o = rms_norm_heads(o, self.norm_swa, self.cfg.norm_eps) + rms_norm_heads(
+                    o_rla, self.norm_rla, self.cfg.norm_eps)
+            elif self.output_norm:
+                o = rms_norm_heads(o, self.norm_swa, self.cfg.norm_eps)
+            o = o.to(x.dtype)
+        return self.wo(o.transpose(1, 2).reshape(b, 1, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.d_model, cfg.hidden, bias=False)
+        self.w3 = nn.Linear(cfg.d_model, cfg.hidden, bias=False)
+        self.w2 = nn.Linear(cfg.hidden, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, kind: str):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg, kind)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class LM(nn.Module):
+    """Decoder-only language model over token ids."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, kind) for kind in cfg.layer_kinds())
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+        self.to(cfg.torch_dtype)
+
+    def reset_parameters(self) -> None:
+        """Llama-style init: N(0, std) weights, residual output projections scaled by 1/sqrt(2 n_layers)."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, 0.0, out_std)
+            elif p.dim() == 2 and not name.endswith(("norm_swa", "norm_rla")):
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(self, tokens: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
+        """Logits (B, T, V) for tokens (B, T). With a cache: prefill an empty one, or extend it."""
+        x = self.embed(tokens)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.length += tokens.shape[1]
+        return self.lm_head(self.norm(x))
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed.weight.numel() if exclude_embedding else n
+
+    def new_cache(self, batch: int) -> ModelCache:
+        """An empty decoding cache: global layers grow, local layers keep w+1 keys (+ RLA state)."""
+        return ModelCache.empty(self.cfg, batch, device=self.embed.weight.device)
+
+
+def count_params(cfg: ModelConfig, exclude_embedding: bool = False) -> int:
+    """Parameter count from the config alone (equals ``LM(cfg).num_params()``)."""
+    d, hd = cfg.d_model, cfg.head_dim
+    attn = d * cfg.n_heads * hd * 2 + d * cfg.n_kv_heads * hd * 2 + (2 * hd if cfg.qk_norm else 0)
+    total = 0
+    for kind in cfg.layer_kinds():
+        extra = 0
+        if kind == "rattention":
+            extra = 2 * cfg.n_heads * hd
+        elif kind == "swa" and cfg.swa_output_norm:
+            extra = cfg.n_heads * hd
+        total += attn + extra + 3 * d * cfg.hidden + 2 * d
+    emb = cfg.vocab_size * d
+    total += d + (0 if cfg.tie_embeddings else emb)
+    return total if exclude_embedding else total + emb
