@@ -1,0 +1,174 @@
+"""The model library: configs, layers, decoding cache and parameter accounting (CPU, fp64)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from rattention.cache import cache_bytes
+from rattention.config import ModelConfig
+from rattention.errors import ConfigError
+from rattention.generate import generate, stepwise_logits
+from rattention.model import LM, count_params
+
+TINY = dict(vocab_size=61, d_model=32, n_layers=4, n_heads=4, n_kv_heads=1, head_dim=8, rla_chunk=8,
+            dtype="float64")
+
+
+def tiny(**kw) -> ModelConfig:
+    return ModelConfig(**{**TINY, **kw})
+
+
+def model(seed=0, **kw) -> LM:
+    torch.manual_seed(seed)
+    m = LM(tiny(**kw)).eval()
+    # Non-default norm scales, so that both branches carry signal in every test.
+    for name, p in m.named_parameters():
+        if name.endswith(("norm_rla", "norm_swa")):
+            p.data.uniform_(0.5, 1.5)
+    return m
+
+
+@pytest.mark.parametrize("field,value,expect", [
+    ("window", -1, "model.window: must be >= 0"),
+    ("n_kv_heads", 3, "model.n_heads: 4 must be a multiple of n_kv_heads (3)"),
+    ("layout", "LLXG", "model.layout: letters allowed: L (local), G (global)"),
+    ("kind", "mamba", "model.kind: Input should be 'full', 'swa' or 'rattention', got 'mamba'"),
+    ("feature_map", "elu", "model.feature_map: Input should be 'sm2' or 'relu2'"),
+    ("d_model", 48, "model.d_model: 48 must equal n_heads * head_dim (4 * 8 = 32)"),
+    ("seq_len", 0, "model.seq_len: must be > 0, got 0"),
+    ("windw", 3, "model.windw: unknown field"),
+])
+def test_bad_config_is_one_line(field, value, expect):
+    with pytest.raises(ConfigError) as err:
+        tiny(**{field: value})
+    msg = str(err.value)
+    assert msg.startswith(expect), msg
+    assert "\n" not in msg and err.value.__cause__ is None
+
+
+def test_layout_and_kinds():
+    assert tiny(kind="rattention", n_layers=6).layer_kinds() == ["rattention"] * 3 + ["global"] + ["rattention"] * 2
+    assert tiny(kind="full").layer_kinds() == ["global"] * 4
+    assert tiny(kind="swa", layout="LG").layer_kinds() == ["swa", "global", "swa", "global"]
+
+
+@pytest.mark.parametrize("kind", ["full", "swa", "rattention"])
+@pytest.mark.parametrize("window", [0, 3, 16, 40])
+def test_decoding_equals_parallel_forward(kind, window):
+    m = model(kind=kind, window=window, qk_norm=window == 3, nope_global=window != 16)
+    tokens = torch.randint(0, 61, (2, 30), generator=torch.Generator().manual_seed(window))
+    ref = m(tokens)
+    assert (stepwise_logits(m, tokens) - ref).abs().max() < 1e-6
+    assert (stepwise_logits(m, tokens, prefill=11) - ref).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("n_kv", [1, 2, 4])
+def test_decoding_gqa(n_kv):
+    m = model(kind="rattention", window=5, n_kv_heads=n_kv, feature_map="relu2")
+    tokens = torch.randint(0, 61, (1, 21))
+    assert (stepwise_logits(m, tokens, prefill=7) - m(tokens)).abs().max() < 1e-6
+
+
+def test_prefill_leaves_the_same_cache_as_stepping():
+    m = model(kind="rattention", window=4)
+    tokens = torch.randint(0, 61, (2, 17))
+    a, b = m.new_cache(2), m.new_cache(2)
+    m(tokens, a)
+    for t in range(tokens.shape[1]):
+        m(tokens[:, t : t + 1], b)
+    assert a.length == b.length == 17
+    for la, lb in zip(a.layers, b.layers, strict=True):
+        for x, y in zip(la.tensors(), lb.tensors(), strict=True):
+            assert torch.allclose(x, y, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["full", "swa", "rattention"])
+def test_cache_bytes_match_real_tensors_and_local_stay_flat(kind):
+    cfg = tiny(kind=kind, window=6)
+    m = LM(cfg).eval()
+    cache = m.new_cache(3)
+    sizes = []
+    for t in range(20):
+        m(torch.randint(0, 61, (3, 1)), cache)
+        assert cache.nbytes() == cache_bytes(cfg, t + 1, batch=3)
+        sizes.append(sum(x.nbytes for layer, k in zip(cache.layers, cfg.layer_kinds(), strict=True)
+                         if k != "global" for x in layer.tensors()))
+    assert len(set(sizes)) == 1  # local layers: flat in L
+    if kind == "full":
+        assert cache_bytes(cfg, 40) == 2 * cache_bytes(cfg, 20)
+    else:
+        assert cache_bytes(cfg, 4000) < cache_bytes(tiny(kind="full"), 4000) / 3
+
+
+def test_rattention_state_is_counted():
+    base = cache_bytes(tiny(kind="swa", window=6), 100)
+    # 3 local layers, each with an fp64 state of Hkv * 2D * D
+    assert cache_bytes(tiny(kind="rattention", window=6), 100) - base == 3 * 1 * 16 * 8 * 8
+
+
+def test_window_at_least_t_gives_normed_swa_plus_zero_rla():
+    t = 12
+    q, k, qr, kr = (torch.randn(1, 4, t, 8, dtype=torch.float64) for _ in range(4))
+    v = torch.randn(1, 2, t, 8, dtype=torch.float64)
+    k, kr = k[:, :2], kr[:, :2]
+    ws, wr = torch.rand(4, 8, dtype=torch.float64), torch.rand(4, 8, dtype=torch.float64)
+    for w in (t - 1, t, 100):
+        a = kernels.rattention(q, k, qr, kr, v, w, ws, wr, chunk=5)
+        b = kernels.normed_attention(q, k, v, w, ws)
+        assert (a - b).abs().max() < 1e-12
+    # Whole model: RAttention at w >= T-1 equals SWA with the output-norm ablation, same weights.
+    ra = model(kind="rattention", window=t)
+    sw = LM(tiny(kind="swa", window=t, swa_output_norm=True)).eval()
+    missing, unexpected = sw.load_state_dict(ra.state_dict(), strict=False)
+    assert not missing and all(n.endswith("norm_rla") for n in unexpected)
+    tokens = torch.randint(0, 61, (2, t))
+    assert (ra(tokens) - sw(tokens)).abs().max() < 1e-12
+    longer = torch.randint(0, 61, (2, t + 5))  # now keys fall outside the window: the branches differ
+    assert (ra(longer) - sw(longer)).abs().max() > 1e-3
+
+
+def test_full_kind_is_plain_causal_attention():
+    m = model(kind="full")
+    attn = m.blocks[0].attn
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    q, k, v = attn._project(x)
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), is_causal=True)
+    assert torch.allclose(attn(x), attn.wo(ref.transpose(1, 2).reshape(2, 9, 32)), atol=1e-12)
+
+
+def test_param_count_and_rattention_adds_only_two_scales():
+    for kw in (dict(kind="full"), dict(kind="swa"), dict(kind="rattention", qk_norm=True),
+               dict(kind="swa", swa_output_norm=True, tie_embeddings=False)):
+        cfg = tiny(**kw)
+        assert LM(cfg).num_params() == count_params(cfg)
+        assert LM(cfg).num_params(exclude_embedding=True) == count_params(cfg, exclude_embedding=True)
+    assert count_params(tiny(kind="rattention")) - count_params(tiny(kind="swa")) == 3 * 2 * 4 * 8
+
+
+def test_rla_norm_init_is_a_config_field():
+    assert LM(tiny(kind="rattention")).blocks[0].attn.norm_rla.abs().max() == 0  # default 0.0
+    paper = LM(tiny(kind="rattention", rla_norm_init=1.0))
+    assert torch.equal(paper.blocks[0].attn.norm_rla, torch.ones(4, 8, dtype=torch.float64))
+    assert torch.equal(paper.blocks[0].attn.norm_swa, torch.ones(4, 8, dtype=torch.float64))
+
+
+def test_generate_greedy_matches_argmax():
+    m = model(kind="rattention", window=3)
+    prompt = torch.randint(0, 61, (2, 5))
+    out = generate(m, prompt, max_new_tokens=8)
+    assert out.shape == (2, 13) and torch.equal(out[:, :5], prompt)
+    logits = m(out[:, :-1])
+    assert torch.equal(logits[:, 4:].argmax(-1), out[:, 5:])
+    sampled = generate(m, prompt, 4, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(0))
+    assert sampled.shape == (2, 9)
+
+
+def test_float32_forward_backward_runs_and_is_finite():
+    torch.manual_seed(0)
+    m = LM(tiny(kind="rattention", dtype="float32", window=4, rla_norm_init=1.0))
+    tokens = torch.randint(0, 61, (2, 20))
+    loss = F.cross_entropy(m(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
