@@ -1,0 +1,31 @@
+"""Shared Ray helpers for the pipeline jobs: connect to a cluster or start a local Ray once."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> dict[str, float]:
+    """Connect to Ray once and return the cluster's resources.
+
+    ``address`` (or ``RAY_ADDRESS``) joins an existing cluster; without either, a local Ray starts
+    with ``num_cpus`` logical CPUs (all of the machine's by default). A Ray that is already
+    initialised in this process is reused as it is.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS") or None
+        if address:
+            ray.init(address=address, log_to_driver=True, **kwargs)
+        else:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, **kwargs)
+    return ray.cluster_resources()
+
+
+def cluster_cpus() -> int:
+    """Logical CPUs of the connected Ray cluster (at least 1)."""
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))

@@ -1,0 +1,652 @@
+"""Ray job: tokenize a corpus into WebDataset shards (``rattention data prepare``).
+
+The driver lists the inputs and trains (or loads) a byte-level BPE tokenizer. Ray Data then reads,
+decodes and tokenizes the documents on an actor pool, one tokenizer per actor. The driver writes
+the resulting stream into per-split shards in a temporary folder, and renames that folder into place
+only once the manifest is written. Shards are written by the driver, not by Ray workers, because
+the output folder is a local path of the machine that runs the job (on a cluster a worker's local
+disk is somewhere else); tokenizing is the work that scales.
+
+Usable as ``ray job submit -- python -m pipelines.tokenize --out DIR ...``.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import sysconfig
+import tarfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from rattention.data import FORMAT_VERSION, sha256_file
+from rattention.errors import ConfigError, DataError
+
+EOS_TOKEN = "<|endoftext|>"
+TEXT_SUFFIXES = (".txt", ".md", ".py")
+ALL_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet")
+STDLIB_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+SPLITS = ("train", "val")
+
+
+class PrepareConfig(BaseModel):
+    """Everything that decides the dataset's content (the fingerprint) plus how to run the job."""
+
+    out: Path
+    sources: list[str] = Field(default_factory=lambda: ["stdlib"])
+    vocab_size: int = 8192
+    tokenizer: Path | None = None
+    tokenizer_sample_mb: float = Field(16.0, gt=0)
+    eos_token: str = EOS_TOKEN
+    text_field: str = "text"
+    parquet_column: str = "text"
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    shard_tokens: int = Field(1_000_000, gt=0)
+    max_files: int | None = Field(None, gt=0)
+    # How to run: not part of the fingerprint.
+    num_cpus: int | None = Field(None, gt=0)
+    address: str | None = None
+    force: bool = False
+
+    @field_validator("sources")
+    @classmethod
+    def _some_source(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("give at least one source: 'stdlib', a path, a glob or hf:NAME")
+        return v
+
+    def content_fields(self) -> dict[str, Any]:
+        """The fields that decide the output, as plain JSON values."""
+        d = self.model_dump(mode="json", exclude={"out", "num_cpus", "address", "force", "tokenizer"})
+        return d
+
+
+def make_config(**kwargs: Any) -> PrepareConfig:
+    """Validate keyword arguments into a config; one bad field becomes one ConfigError line."""
+    try:
+        return PrepareConfig(**kwargs)
+    except ValidationError as err:
+        e = err.errors()[0]
+        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        raise ConfigError(f"{loc}: {e['msg']} (got {e.get('input')!r})") from None
+
+
+# ----- reading documents ------------------------------------------------------------------------
+
+_replaced = [0]
+
+
+def _count_and_replace(exc: UnicodeError) -> tuple[str, int]:
+    if not isinstance(exc, UnicodeDecodeError):
+        raise exc
+    _replaced[0] += exc.end - exc.start
+    return "\ufffd", exc.end
+
+
+codecs.register_error("rattention_count", _count_and_replace)
+
+
+def decode_bytes(raw: bytes) -> tuple[str, int]:
+    """UTF-8 decode with U+FFFD for undecodable bytes; returns (text, number of bytes replaced)."""
+    _replaced[0] = 0
+    text = raw.decode("utf-8", errors="rattention_count")
+    return text, _replaced[0]
+
+
+@dataclass
+class ReadResult:
+    """Documents read from one work item, and what was skipped on the way."""
+
+    docs: list[tuple[str, str, int]] = field(default_factory=list)  # (doc id, text, bytes replaced)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+
+def read_item(item: dict[str, Any], text_field: str, parquet_column: str) -> ReadResult:
+    """Read the documents of one work item: a text file, a jsonl file or a parquet row group."""
+    res = ReadResult()
+    kind, path, doc_id = item["kind"], item["path"], item["id"]
+    if kind == "text":
+        text, bad = decode_bytes(Path(path).read_bytes())
+        if text.strip():
+            res.docs.append((doc_id, text, bad))
+        else:
+            res.skip("empty")
+    elif kind == "jsonl":
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                line, bad = decode_bytes(raw)
+                if not line.strip():
+                    res.skip("empty")
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    res.skip("bad_json")
+                    continue
+                value = rec.get(text_field) if isinstance(rec, dict) else None
+                if not isinstance(value, str):
+                    res.skip("missing_field")
+                elif not value.strip():
+                    res.skip("empty")
+                else:
+                    res.docs.append((f"{doc_id}:{lineno}", value, bad))
+    elif kind == "parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.ParquetFile(path).read_row_group(item["row_group"], columns=[parquet_column])
+        for i, value in enumerate(table.column(0).to_pylist()):
+            row = item["row_offset"] + i
+            if not isinstance(value, str):
+                res.skip("missing_field")
+            elif not value.strip():
+                res.skip("empty")
+            else:
+                res.docs.append((f"{doc_id}:{row}", value, 0))
+    else:  # pragma: no cover - work items are built in this module
+        raise DataError(f"{path}: unknown work item kind {kind!r}")
+    return res
+
+
+def stdlib_root() -> Path:
+    """The running interpreter's standard-library folder."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files() -> list[Path]:
+    """The standard library's ``*.py`` sources, tests and site-packages excluded, sorted."""
+    root = stdlib_root()
+    files = []
+    for p in root.rglob("*.py"):
+        parts = p.relative_to(root).parts
+        if STDLIB_EXCLUDED_DIRS.intersection(parts[:-1]):
+            continue
+        files.append(p)
+    return sorted(files)
+
+
+def _files_of(source: str, suffixes: tuple[str, ...]) -> tuple[list[Path], Path]:
+    """Expand one path/folder/glob source into files, and the root their ids are relative to."""
+    if glob.has_magic(source):
+        matches = sorted(Path(p) for p in glob.glob(source, recursive=True))
+        files = [p for p in matches if p.is_file() and p.suffix in suffixes]
+        prefix = source.split("*")[0].split("?")[0].split("[")[0]
+        root = Path(prefix) if prefix.endswith(os.sep) else Path(prefix).parent
+        if not files:
+            raise DataError(f"{source}: the glob matches no {'/'.join(suffixes)} file")
+        return files, root
+    p = Path(source)
+    if not p.exists():
+        raise DataError(f"{source}: no such file or folder")
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in suffixes)
+        if not files:
+            raise DataError(f"{source}: the folder holds no {'/'.join(suffixes)} file")
+        return files, p.parent
+    if p.suffix not in suffixes:
+        raise DataError(f"{source}: unsupported file type {p.suffix!r}; allowed: {', '.join(suffixes)}")
+    return [p], p.parent
+
+
+def resolve_sources(cfg: PrepareConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Turn the configured sources into work items and a description (with sizes and mtimes).
+
+    Raises DataError for a missing path, an empty match or a parquet file without the column.
+    """
+    items: list[dict[str, Any]] = []
+    described: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
+    for source in cfg.sources:
+        if source.startswith("hf:"):
+            raise DataError(f"{source}: Hugging Face sources cannot be mixed with file sources")
+        if source == "stdlib":
+            files, root = stdlib_files(), stdlib_root().parent
+            if cfg.max_files is not None and len(files) > cfg.max_files:
+                stride = len(files) / cfg.max_files
+                files = [files[int(i * stride)] for i in range(cfg.max_files)]
+        else:
+            files, root = _files_of(source, ALL_SUFFIXES)
+        desc: dict[str, Any] = {"source": source, "files": []}
+        for f in files:
+            rel = f.resolve().relative_to(root.resolve()).as_posix() if root else f.name
+            n = seen.get(rel, 0)
+            seen[rel] = n + 1
+            doc_id = rel if n == 0 else f"{rel}~{n}"
+            st = f.stat()
+            desc["files"].append([doc_id, st.st_size, st.st_mtime_ns])
+            kind = {".jsonl": "jsonl", ".parquet": "parquet"}.get(f.suffix, "text")
+            if kind == "parquet":
+                import pyarrow.parquet as pq
+
+                pf = pq.ParquetFile(f)
+                if cfg.parquet_column not in pf.schema_arrow.names:
+                    raise DataError(
+                        f"{f}: no column {cfg.parquet_column!r}; columns: {', '.join(pf.schema_arrow.names)}"
+                    )
+                offset = 0
+                for rg in range(pf.num_row_groups):
+                    items.append(
+                        {"kind": kind, "path": str(f), "id": doc_id, "row_group": rg, "row_offset": offset}
+                    )
+                    offset += pf.metadata.row_group(rg).num_rows
+            else:
+                items.append({"kind": kind, "path": str(f), "id": doc_id, "row_group": 0, "row_offset": 0})
+        described.append(desc)
+    return items, described
+
+
+# ----- tokenizer --------------------------------------------------------------------------------
+
+
+def train_tokenizer(texts: Iterator[str], vocab_size: int, eos_token: str = EOS_TOKEN) -> Any:
+    """Train a byte-level BPE (``tokenizers``) with ``eos_token`` as its only special token (id 0)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 257:
+        raise ConfigError(f"vocab_size: must be >= 257 (256 byte tokens + EOS), got {vocab_size}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[eos_token],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def _sample_texts(items: list[dict[str, Any]], cfg: PrepareConfig) -> Iterator[str]:
+    """Up to ``tokenizer_sample_mb`` of text, from work items spread evenly over the corpus."""
+    budget = int(cfg.tokenizer_sample_mb * 1e6)
+    total = sum(Path(it["path"]).stat().st_size for it in items)
+    stride = max(1, -(-total // budget))  # every stride-th item when the corpus exceeds the budget
+    used = 0
+    for it in items[::stride]:
+        for _, text, _ in read_item(it, cfg.text_field, cfg.parquet_column).docs:
+            yield text
+            used += len(text)
+        if used >= budget:
+            return
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32 (the data contract)."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def split_of(doc_id: str, val_fraction: float) -> str:
+    """Stable train/val assignment from a hash of the document id."""
+    h = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big")
+    return "val" if h < val_fraction * 2**64 else "train"
+
+
+def doc_key(doc_id: str) -> str:
+    """The WebDataset ``__key__`` of a document: hex, so it never holds a dot."""
+    return hashlib.sha1(doc_id.encode()).hexdigest()[:24]
+
+
+class TokenizeActor:
+    """Ray Data actor: reads, decodes and tokenizes a batch of work items; one tokenizer per actor."""
+
+    def __init__(self, tokenizer_json: str, text_field: str, parquet_column: str, val_fraction: float):
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per actor; Ray supplies the parallelism
+        from tokenizers import Tokenizer
+
+        self.tok = Tokenizer.from_str(tokenizer_json)
+        self.tok.encode_special_tokens = True  # a literal "<|endoftext|>" in text is text, not EOS
+        self.dtype = token_dtype(self.tok.get_vocab_size())
+        self.text_field, self.parquet_column, self.val_fraction = text_field, parquet_column, val_fraction
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        out: dict[str, list] = {"key": [], "split": [], "tokens": [], "replaced": [], "skipped": []}
+        for i in range(len(batch["kind"])):
+            item = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
+            res = read_item(item, self.text_field, self.parquet_column)
+            if res.docs:
+                encs = self.tok.encode_batch([t for _, t, _ in res.docs], add_special_tokens=False)
+                for (doc_id, _, bad), enc in zip(res.docs, encs, strict=True):
+                    out["key"].append(doc_key(doc_id))
+                    out["split"].append(split_of(doc_id, self.val_fraction))
+                    out["tokens"].append(np.asarray(enc.ids, dtype=self.dtype).tobytes())
+                    out["replaced"].append(bad)
+                    out["skipped"].append("")
+            for reason, n in res.skipped.items():  # one row per skip reason carries the count
+                out["key"].append("")
+                out["split"].append("")
+                out["tokens"].append(b"")
+                out["replaced"].append(n)
+                out["skipped"].append(reason)
+        return out
+
+
+# ----- writing shards ---------------------------------------------------------------------------
+
+
+class SplitWriter:
+    """Writes one split's samples into ``{split}-{index:06d}.tar`` shards of about ``shard_tokens``."""
+
+    def __init__(self, folder: Path, split: str, shard_tokens: int):
+        self.folder, self.split, self.shard_tokens = folder, split, shard_tokens
+        self.shards: list[dict[str, Any]] = []
+        self._writer: Any = None
+
+    def _open(self) -> None:
+        import webdataset as wds
+
+        name = f"{self.split}-{len(self.shards):06d}.tar"
+        self._writer = wds.TarWriter(str(self.folder / name))
+        self.shards.append({"file": name, "documents": 0, "tokens": 0})
+
+    def write(self, key: str, arrays: dict[str, np.ndarray], n_tokens: int) -> None:
+        """Write one sample: ``__key__`` plus ``NAME.npy`` arrays (``tokens`` counts toward size)."""
+        if self._writer is None or self.shards[-1]["tokens"] >= self.shard_tokens:
+            self.close()
+            self._open()
+        sample: dict[str, Any] = {"__key__": key}
+        sample.update({f"{name}.npy": arr for name, arr in arrays.items()})
+        self._writer.write(sample)
+        self.shards[-1]["documents"] += 1
+        self.shards[-1]["tokens"] += n_tokens
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def finish(self) -> dict[str, Any]:
+        """Close the last shard and return this split's manifest entry (with each shard's sha256)."""
+        self.close()
+        for s in self.shards:
+            s["sha256"] = sha256_file(self.folder / s["file"])
+            s["bytes"] = (self.folder / s["file"]).stat().st_size
+        return {
+            "shards": self.shards,
+            "documents": sum(s["documents"] for s in self.shards),
+            "tokens": sum(s["tokens"] for s in self.shards),
+        }
+
+
+def fingerprint_of(obj: Any) -> str:
+    """sha256 of a JSON value with sorted keys: the identity of a dataset's inputs and config."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def check_existing(out: Path, fingerprint: str, force: bool) -> dict[str, Any] | None:
+    """Return the manifest if ``out`` already holds this exact dataset, complete; else None.
+
+    A complete dataset with another fingerprint is an error unless ``force``.
+    """
+    mpath = out / "manifest.json"
+    if force or not out.exists():
+        return None
+    if not mpath.exists():
+        raise DataError(f"{out}: exists but holds no manifest.json; pass --force to replace it")
+    manifest = json.loads(mpath.read_text())
+    if manifest.get("fingerprint") != fingerprint:
+        raise DataError(
+            f"{out}: holds a dataset built from other inputs or config "
+            f"(fingerprint {manifest.get('fingerprint', '?')[:12]}); pass --force to rebuild it"
+        )
+    missing = [
+        s["file"]
+        for sp in manifest.get("splits", {}).values()
+        for s in sp["shards"]
+        if not (out / s["file"]).exists()
+    ]
+    if missing:
+        raise DataError(f"{out / missing[0]}: shard listed in the manifest is missing; pass --force")
+    return manifest
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Move a finished temp folder into place; an old dataset (under --force) is swapped out first."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, trash)
+        os.rename(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def temp_folder(out: Path) -> Path:
+    """A hidden sibling of ``out`` to build in: never mistaken for a dataset, same filesystem."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    return tmp
+
+
+# ----- the job ----------------------------------------------------------------------------------
+
+
+def _load_tokenizer(cfg: PrepareConfig, items: list[dict[str, Any]]) -> Any:
+    from tokenizers import Tokenizer
+
+    if cfg.tokenizer is not None:
+        if not cfg.tokenizer.is_file():
+            raise DataError(f"{cfg.tokenizer}: tokenizer file not found")
+        try:
+            tok = Tokenizer.from_file(str(cfg.tokenizer))
+        except Exception as err:  # tokenizers raises plain Exception on a bad file
+            raise DataError(f"{cfg.tokenizer}: not a tokenizers JSON file ({err})") from None
+        if tok.token_to_id(cfg.eos_token) is None:
+            raise ConfigError(f"eos_token: {cfg.eos_token!r} is not in the vocabulary of {cfg.tokenizer}")
+        return tok
+    return train_tokenizer(_sample_texts(items, cfg), cfg.vocab_size, cfg.eos_token)
+
+
+def prepare(cfg: PrepareConfig, log: Any = print) -> dict[str, Any]:
+    """Build the dataset ``cfg.out`` (or find it already built) and return its manifest."""
+    t0 = time.perf_counter()
+    if len(cfg.sources) == 1 and cfg.sources[0].startswith("hf:"):
+        return prepare_hf(cfg, log)
+    if cfg.tokenizer is None and cfg.vocab_size < 257:
+        raise ConfigError(f"vocab_size: must be >= 257 (256 byte tokens + EOS), got {cfg.vocab_size}")
+    items, described = resolve_sources(cfg)
+    content = {
+        "format_version": FORMAT_VERSION,
+        "config": cfg.content_fields(),
+        "tokenizer_sha256": sha256_file(cfg.tokenizer) if cfg.tokenizer and cfg.tokenizer.is_file() else None,
+        "inputs": described,
+    }
+    fingerprint = fingerprint_of(content)
+    existing = check_existing(cfg.out, fingerprint, cfg.force)
+    if existing is not None:
+        log(f"{cfg.out}: up to date (fingerprint {fingerprint[:12]}), nothing to do")
+        return existing
+    tmp = temp_folder(cfg.out)
+    try:
+        tok = _load_tokenizer(cfg, items)
+        tok.save(str(tmp / "tokenizer.json"))
+        manifest = _tokenize_to_shards(cfg, items, tmp, tok)
+        manifest.update(
+            source={"sources": cfg.sources, "inputs": [{"source": d["source"], "files": len(d["files"])}
+                                                       for d in described]},
+            config=cfg.content_fields(),
+            fingerprint=fingerprint,
+        )
+        write_manifest(tmp, manifest)
+        publish(tmp, cfg.out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    secs = time.perf_counter() - t0
+    c = manifest["counts"]
+    n_shards = sum(len(s["shards"]) for s in manifest["splits"].values())
+    log(
+        f"prepared {cfg.out}: {c['documents']} documents, {c['tokens']} tokens, {n_shards} shards, "
+        f"{secs:.1f} s, {c['tokens'] / secs:,.0f} tokens/s"
+        + (f"; skipped {c['skipped']}" if c["skipped"] else "")
+        + (f"; {c['replaced_bytes']} undecodable bytes replaced" if c["replaced_bytes"] else "")
+    )
+    return manifest
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
+    """Write ``manifest.json`` (the last file of a dataset, so its presence means complete)."""
+    manifest.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    path = folder / "manifest.json"
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+
+
+def _tokenize_to_shards(
+    cfg: PrepareConfig, items: list[dict[str, Any]], tmp: Path, tok: Any, source_ds: Any = None
+) -> dict[str, Any]:
+    """Run the Ray Data tokenization and write the shards into ``tmp``; return the manifest body."""
+    import ray
+
+    from pipelines.ray_utils import cluster_cpus, init_ray
+
+    init_ray(cfg.address, cfg.num_cpus)
+    n_actors = max(1, min(cfg.num_cpus or cluster_cpus(), len(items)))
+    ctx = ray.data.DataContext.get_current()
+    old_order = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True  # deterministic shard content
+    try:
+        ds = source_ds or ray.data.from_items(items, override_num_blocks=min(len(items), 16 * n_actors))
+        ds = ds.map_batches(
+            TokenizeActor,
+            fn_constructor_kwargs={
+                "tokenizer_json": tok.to_str(),
+                "text_field": cfg.text_field,
+                "parquet_column": cfg.parquet_column,
+                "val_fraction": cfg.val_fraction,
+            },
+            batch_size=4,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=n_actors),
+            num_cpus=1,
+        )
+        vocab = tok.get_vocab_size()
+        dtype = token_dtype(vocab)
+        writers = {s: SplitWriter(tmp, s, cfg.shard_tokens) for s in SPLITS}
+        skipped: dict[str, int] = {}
+        replaced = replaced_docs = 0
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for key, split, raw, rep, skip in zip(
+                batch["key"], batch["split"], batch["tokens"], batch["replaced"], batch["skipped"], strict=True
+            ):
+                if skip:
+                    skipped[str(skip)] = skipped.get(str(skip), 0) + int(rep)
+                    continue
+                arr = np.frombuffer(raw, dtype=dtype)
+                writers[str(split)].write(str(key), {"tokens": arr}, len(arr))
+                replaced += int(rep)
+                replaced_docs += int(rep > 0)
+    finally:
+        ctx.execution_options.preserve_order = old_order
+    splits = {s: w.finish() for s, w in writers.items()}
+    n_docs = sum(s["documents"] for s in splits.values())
+    if n_docs == 0:
+        raise DataError(
+            f"{', '.join(cfg.sources)}: the corpus holds no documents "
+            f"({sum(skipped.values())} skipped: {skipped or 'none'})"
+        )
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": "corpus",
+        "tokenizer": {"file": "tokenizer.json", "sha256": sha256_file(tmp / "tokenizer.json")},
+        "vocab_size": vocab,
+        "eos_id": tok.token_to_id(cfg.eos_token),
+        "eos_token": cfg.eos_token,
+        "dtype": dtype.name,
+        "sample_fields": {"tokens.npy": f"{dtype.name} token ids of one document, no EOS"},
+        "splits": splits,
+        "counts": {
+            "work_items": len(items),
+            "documents": n_docs,
+            "tokens": sum(s["tokens"] for s in splits.values()),
+            "skipped": skipped,
+            "replaced_bytes": replaced,
+            "documents_with_replaced_bytes": replaced_docs,
+        },
+    }
+
+
+def prepare_hf(cfg: PrepareConfig, log: Any = print) -> dict[str, Any]:
+    """A Hugging Face ``datasets`` source, ``hf:NAME[:CONFIG][@SPLIT]``, when installed and reachable."""
+    spec = cfg.sources[0][3:]
+    spec, _, hf_split = spec.partition("@")
+    name, _, hf_config = spec.partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"hf:{name}: the 'datasets' library is not installed; use local files or 'stdlib'"
+        ) from None
+    try:
+        hf = datasets.load_dataset(name, hf_config or None, split=hf_split or "train")
+    except Exception as err:
+        raise DataError(f"hf:{name}: cannot load ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+    if cfg.text_field not in hf.column_names:
+        raise DataError(f"hf:{name}: no column {cfg.text_field!r}; columns: {', '.join(hf.column_names)}")
+    # Spill the rows to a jsonl file so the same readers and actors handle them.
+    cache = Path(cfg.out).parent / f".{Path(cfg.out).name}.hf.jsonl"
+    with open(cache, "w") as f:
+        for row in hf:
+            f.write(json.dumps({cfg.text_field: row[cfg.text_field]}) + "\n")
+    try:
+        sub = cfg.model_copy(update={"sources": [str(cache)]})
+        manifest = prepare(sub, log)
+    finally:
+        cache.unlink(missing_ok=True)
+    return manifest
+
+
+def _read_tar_tokens(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Plain tarfile reader of a shard's (key, tokens): used by the benchmark and debugging."""
+    with tarfile.open(path) as tf:
+        for m in tf:
+            if m.name.endswith(".tokens.npy"):
+                data = tf.extractfile(m).read()  # type: ignore[union-attr]
+                yield m.name.split(".")[0], np.load(io.BytesIO(data))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pipelines.tokenize``: the same job as ``rattention data prepare``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("sources", nargs="*", default=["stdlib"])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--vocab-size", type=int, default=8192)
+    ap.add_argument("--tokenizer")
+    ap.add_argument("--val-fraction", type=float, default=0.05)
+    ap.add_argument("--shard-tokens", type=int, default=1_000_000)
+    ap.add_argument("--max-files", type=int)
+    ap.add_argument("--num-cpus", type=int)
+    ap.add_argument("--address")
+    ap.add_argument("--force", action="store_true")
+    a = ap.parse_args(argv)
+    try:
+        cfg = make_config(
+            out=a.out, sources=a.sources, vocab_size=a.vocab_size, tokenizer=a.tokenizer,
+            val_fraction=a.val_fraction, shard_tokens=a.shard_tokens, max_files=a.max_files,
+            num_cpus=a.num_cpus, address=a.address, force=a.force,
+        )
+        prepare(cfg)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

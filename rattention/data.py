@@ -1,0 +1,353 @@
+"""The training data loader: packs a tokenized WebDataset folder into (seq_len+1)-token windows.
+
+A dataset folder (see DESIGN.md, "Data contract") holds ``manifest.json``, ``tokenizer.json`` and
+shards ``{split}-{index:06d}.tar`` whose samples are single documents (``tokens.npy``). The loader
+reads them with ``webdataset`` and packs them on the fly::
+
+    stream = doc_a + [EOS] + doc_b + [EOS] + ...     (per reader, across epochs)
+    window = stream[k*(L+1) : (k+1)*(L+1)]           inputs = window[:-1], targets = window[1:]
+
+Readers. Every (rank, DataLoader worker) pair is one reader with its own stream:
+``reader = rank * num_workers + worker``. With at least as many shards as readers, reader r reads
+the shards ``order[r::R]`` of each epoch; with fewer, every reader reads every shard and keeps the
+documents whose position in the epoch is ``r mod R`` (document-level split). Either way, each epoch
+gives every document to exactly one reader.
+
+Order. Training (``infinite=True``, the default for ``train``) permutes the shards per epoch (one
+permutation shared by all readers, seeded by ``seed`` and the epoch) and shuffles documents in a
+seeded buffer per reader; it never ends. Evaluation (``infinite=False``) reads shards in order
+without shuffling, one pass, and pads the last window (inputs EOS, targets ``IGNORE_INDEX``).
+
+Position. A reader's position is ``(epoch, document, offset)``: the next window starts at token
+``offset`` of the ``document``-th document of that epoch's order (EOS counted as its last token).
+``state_dict()`` records the position after the last batch *handed to the caller* (prefetched
+batches do not count), so ``load_state_dict()`` resumes without repeating or skipping a token.
+Each rank saves and restores its own loader state. ``seq_len`` and ``batch_size`` may change on
+resume; ``seed`` and the number of readers may not.
+
+This module imports only numpy and torch at import time; ``webdataset`` is imported when reading,
+so a GPU box without it can still import the module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.utils.data as tud
+
+from rattention.errors import ConfigError, DataError
+
+FORMAT_VERSION = 1
+IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """Load and sanity-check ``manifest.json`` of a dataset folder (DataError naming the file)."""
+    mpath = Path(path) / MANIFEST
+    if not mpath.is_file():
+        raise DataError(f"{mpath}: no manifest; build the dataset with `rattention data prepare`")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{mpath}: not valid JSON ({err})") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DataError(f"{mpath}: format_version {version!r}, this loader reads {FORMAT_VERSION}")
+    return manifest
+
+
+def shard_paths(path: str | Path, split: str, verify: bool = False) -> list[Path]:
+    """The shard files of ``split``, in manifest order; each must exist (and match its sha256)."""
+    manifest = read_manifest(path)
+    splits = manifest.get("splits", {})
+    if split not in splits:
+        raise DataError(f"{Path(path) / MANIFEST}: no split {split!r}; splits: {', '.join(splits)}")
+    out = []
+    for shard in splits[split]["shards"]:
+        p = Path(path) / shard["file"]
+        if not p.is_file():
+            raise DataError(f"{p}: shard listed in the manifest is missing")
+        if verify and sha256_file(p) != shard["sha256"]:
+            raise DataError(f"{p}: corrupt shard, sha256 differs from the manifest")
+        out.append(p)
+    if not out:
+        raise DataError(f"{Path(path) / MANIFEST}: split {split!r} has no shards")
+    return out
+
+
+def _npy(raw: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(raw), allow_pickle=False)
+
+
+def iter_shard(path: Path) -> Iterator[dict[str, Any]]:
+    """Raw samples (``__key__`` plus bytes per field) of one shard, via webdataset.
+
+    A shard that cannot be read raises DataError naming it.
+    """
+    import webdataset as wds
+
+    pipeline = wds.DataPipeline(wds.SimpleShardList([str(path)]), wds.tarfile_to_samples())
+    try:
+        yield from pipeline
+    except (DataError, GeneratorExit):
+        raise
+    except Exception as err:
+        raise DataError(f"{path}: corrupt shard, cannot be read ({type(err).__name__}: {err})") from None
+
+
+def iter_samples(path: str | Path, split: str, verify: bool = False) -> Iterator[dict[str, Any]]:
+    """Every sample of a split in stored order, its ``.npy`` fields decoded: for evaluation sets.
+
+    Yields dicts like ``{"key": str, "tokens": ndarray, "mask": ndarray}`` (synthetic tasks also
+    carry ``mask``: 1 where a token is an answer to predict).
+    """
+    for shard in shard_paths(path, split, verify):
+        for s in iter_shard(shard):
+            out: dict[str, Any] = {"key": s["__key__"]}
+            for k, v in s.items():
+                if k.endswith("npy"):
+                    out[k[: -len(".npy")]] = _npy(v)
+                elif k == "json":
+                    out["meta"] = json.loads(v)
+            yield out
+
+
+class PackedLoader:
+    """Iterate ``(inputs, targets)`` LongTensor batches of shape ``(batch_size, seq_len)``.
+
+    Args:
+        path: dataset folder (``manifest.json`` + shards).
+        split: ``"train"`` or ``"val"`` (any split in the manifest).
+        seq_len: tokens per row; each row comes from one window of ``seq_len + 1`` tokens.
+        batch_size: rows per batch (per rank).
+        seed: decides shard permutations and document shuffling; same seed, same stream.
+        rank, world_size: this process's place among data-parallel ranks; default from
+            ``torch.distributed`` when it is initialised (as under Ray Train), else 0 and 1.
+        num_workers: DataLoader worker processes per rank (0 reads in this process).
+        shuffle_buffer: documents held for shuffling (training only).
+        infinite: endless stream resampled by epoch (default: ``split == "train"``); otherwise
+            one deterministic pass, no shuffle, the last window padded.
+        verify: check every shard's sha256 against the manifest first (DataError naming the file).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        split: str = "train",
+        seq_len: int = 256,
+        batch_size: int = 8,
+        seed: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        num_workers: int = 0,
+        shuffle_buffer: int = 1000,
+        infinite: bool | None = None,
+        verify: bool = False,
+    ):
+        if seq_len < 1:
+            raise ConfigError(f"seq_len: must be >= 1, got {seq_len}")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size: must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ConfigError(f"num_workers: must be >= 0, got {num_workers}")
+        if rank is None or world_size is None:
+            d_rank, d_world = _dist_rank_world()
+            rank = d_rank if rank is None else rank
+            world_size = d_world if world_size is None else world_size
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank: must be in [0, world_size={world_size}), got {rank}")
+        self.path, self.split = Path(path), split
+        self.manifest = read_manifest(path)
+        self.shards = shard_paths(path, split, verify)
+        self.eos_id = int(self.manifest["eos_id"])
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.shuffle_buffer = shuffle_buffer
+        self.infinite = (split == "train") if infinite is None else infinite
+        self.num_readers = world_size * max(1, num_workers)
+        self.readers = [rank * max(1, num_workers) + w for w in range(max(1, num_workers))]
+        self._positions: dict[int, tuple[int, int, int]] = {r: (0, 0, 0) for r in self.readers}
+
+    # ----- position ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's position: per reader ``(epoch, document, offset)`` after the last batch taken."""
+        return {
+            "version": 1,
+            "split": self.split,
+            "seed": self.seed,
+            "num_readers": self.num_readers,
+            "positions": {str(r): list(p) for r, p in self._positions.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from ``state_dict()``; the seed, split and reader layout must match."""
+        for key in ("split", "seed", "num_readers"):
+            if state.get(key) != getattr(self, key):
+                raise ConfigError(
+                    f"loader state {key}: saved {state.get(key)!r}, this loader has {getattr(self, key)!r}"
+                )
+        positions = {int(r): tuple(p) for r, p in state["positions"].items()}
+        if set(positions) != set(self.readers):
+            raise ConfigError(f"loader state positions: readers {sorted(positions)}, expected {self.readers}")
+        self._positions = positions  # type: ignore[assignment]
+
+    # ----- the document stream -------------------------------------------------------------------
+
+    def epoch_shards(self, epoch: int) -> list[Path]:
+        """The shard order of an epoch, shared by all readers."""
+        if not self.infinite:
+            return list(self.shards)
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+        return [self.shards[i] for i in perm]
+
+    def documents(self, reader: int, epoch: int) -> Iterator[tuple[str, bytes]]:
+        """``(key, raw tokens.npy bytes)`` of one reader's share of an epoch, in its final order."""
+        import webdataset as wds
+
+        order = self.epoch_shards(epoch)
+        R = self.num_readers
+        if len(order) >= R:
+            stream = (s for shard in order[reader::R] for s in iter_shard(shard))
+        else:  # fewer shards than readers: split by document position instead
+            stream = (s for i, s in enumerate(s for shard in order for s in iter_shard(shard)) if i % R == reader)
+        pairs = ((s["__key__"], s["tokens.npy"]) for s in stream)
+        if self.infinite and self.shuffle_buffer > 1:
+            rng = random.Random(f"{self.seed}-{epoch}-{reader}")
+            pairs = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(pairs)
+        yield from pairs
+
+    def windows(self, reader: int, start: tuple[int, int, int]) -> Iterator[tuple[np.ndarray, tuple[int, int, int]]]:
+        """Packed windows of ``seq_len + 1`` tokens from ``start``, each with the position after it.
+
+        In finite mode the last window is padded with ``IGNORE_INDEX``.
+        """
+        L1 = self.seq_len + 1
+        epoch, doc, offset = start
+        buf = np.empty(L1, dtype=np.int64)
+        fill = 0
+        while True:
+            n_docs = 0
+            for i, (_, raw) in enumerate(self.documents(reader, epoch)):
+                n_docs += 1
+                if i < doc:
+                    continue
+                toks = _npy(raw)
+                n = len(toks) + 1  # the document and its EOS
+                pos = offset if i == doc else 0
+                while pos < n:
+                    take = min(L1 - fill, n - pos)
+                    end = pos + take
+                    if end == n:
+                        buf[fill : fill + take - 1] = toks[pos:]
+                        buf[fill + take - 1] = self.eos_id
+                    else:
+                        buf[fill : fill + take] = toks[pos:end]
+                    fill += take
+                    pos = end
+                    if fill == L1:
+                        nxt = (epoch, i, pos) if pos < n else (epoch, i + 1, 0)
+                        yield buf.copy(), nxt
+                        fill = 0
+            if not self.infinite:
+                if fill:
+                    buf[fill:] = IGNORE_INDEX
+                    yield buf.copy(), (epoch + 1, 0, 0)
+                return
+            if n_docs == 0:
+                raise DataError(
+                    f"{self.path}: split {self.split!r} gives reader {reader} of {self.num_readers} no "
+                    f"documents; use fewer ranks x workers or more documents"
+                )
+            epoch, doc, offset = epoch + 1, 0, 0
+
+    def batches(self, reader: int, start: tuple[int, int, int]) -> Iterator[tuple[int, tuple, Any, Any]]:
+        """``(reader, position_after, inputs, targets)`` batches of one reader."""
+        rows: list[np.ndarray] = []
+        pos = start
+        for win, pos in self.windows(reader, start):
+            rows.append(win)
+            if len(rows) == self.batch_size:
+                yield reader, pos, *self._to_tensors(rows)
+                rows = []
+        if rows:
+            yield reader, pos, *self._to_tensors(rows)
+
+    def _to_tensors(self, rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        w = torch.from_numpy(np.stack(rows))
+        inputs = w[:, :-1].clone()
+        inputs[inputs == IGNORE_INDEX] = self.eos_id
+        return inputs, w[:, 1:].clone()
+
+    # ----- iteration -----------------------------------------------------------------------------
+
+    def iter_with_source(self) -> Iterator[tuple[int, Any, Any]]:
+        """Like iterating the loader, but yields ``(reader, inputs, targets)`` (for tests/debugging)."""
+        if self.num_workers == 0:
+            (r,) = self.readers
+            it: Iterator = self.batches(r, self._positions[r])
+        else:
+            it = iter(
+                tud.DataLoader(
+                    _WorkerStreams(self, dict(self._positions)),
+                    batch_size=None,
+                    num_workers=self.num_workers,
+                    prefetch_factor=2,
+                )
+            )
+        for reader, pos, inputs, targets in it:
+            self._positions[reader] = tuple(pos)  # type: ignore[assignment]
+            yield reader, inputs, targets
+        if not self.infinite:  # a finished pass: the next pass starts from the beginning again
+            self._positions = {r: (0, 0, 0) for r in self.readers}
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        for _, inputs, targets in self.iter_with_source():
+            yield inputs, targets
+
+
+class _WorkerStreams(tud.IterableDataset):
+    """The torch IterableDataset a DataLoader worker runs: the batches of its own reader."""
+
+    def __init__(self, loader: PackedLoader, positions: dict[int, tuple[int, int, int]]):
+        self.loader, self.positions = loader, positions
+
+    def __iter__(self) -> Iterator[tuple[int, tuple, Any, Any]]:
+        info = tud.get_worker_info()
+        wid = 0 if info is None else info.id
+        reader = self.loader.readers[wid]
+        return self.loader.batches(reader, self.positions[reader])
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    """(rank, world size) from torch.distributed when initialised, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def pack_documents(docs: list[np.ndarray], seq_len: int, eos_id: int) -> list[np.ndarray]:
+    """Reference packing (no padding): the full windows of ``doc + [EOS]`` concatenated."""
+    stream = np.concatenate([np.append(np.asarray(d, dtype=np.int64), eos_id) for d in docs])
+    n = len(stream) // (seq_len + 1)
+    return list(stream[: n * (seq_len + 1)].reshape(n, seq_len + 1))
