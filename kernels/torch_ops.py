@@ -54,13 +54,16 @@ def rla_chunked(
     chunk: int = 64,
     return_state: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Residual linear attention in chunks of ``chunk`` queries, fp32 state, O(T*C + state) memory.
+    """Residual linear attention in chunks of ``chunk`` queries with an fp32 state, all chunks at once.
 
-    With shift s = w + 1, query t sees keys i <= t - s: the query chunk [a, a+C) reads the state of
-    all keys < a - s, plus the keys [a - s, a + C - s) under the causal mask i <= t - s. The key
-    range is found by index arithmetic; nothing is padded. Returns the output (fp32, fp64 for fp64
-    inputs), and with ``return_state`` also the final state over keys i <= T - w - 2 (what decoding
-    continues from), shaped (B, Hkv, 2D, D).
+    With shift s = w + 1, query t sees keys i <= t - s: this is causal linear attention (diagonal
+    included) of q against the key sequence shifted right by s, whose first s rows are empty. The
+    shifted sequence is cut into chunks of C; each chunk's state contribution phi(k)^T v is summed
+    by an exclusive prefix over chunks (inter-chunk part) and the C x C causal block is done
+    directly (intra-chunk part). Memory is O(T*C + (T/C)*2D*D): linear in T, never O(T^2) (a loop
+    over chunks under autograd keeps those per-chunk states too). Returns the output (fp32, fp64
+    for fp64 inputs) and, with ``return_state``, the state over keys i <= T - w - 2 (where decoding
+    continues), shaped (B, Hkv, 2D, D).
     """
     _check_qkv(q, k, v)
     if window < 0:
@@ -72,26 +75,23 @@ def rla_chunked(
     g = hq // hkv
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = window + 1
-    qg = q.reshape(b, hkv, g, t, d)
-    state = q.new_zeros(b, hkv, 2 * d, d, dtype=acc)
-    outs = []
-    for q0 in range(0, t, chunk):
-        q1 = min(q0 + chunk, t)
-        fq = feature_map(qg[:, :, :, q0:q1], phi)  # (b, hkv, g, c, 2d)
-        o = torch.einsum("bhgtf,bhfd->bhgtd", fq, state)
-        k0, k1 = max(q0 - s, 0), q1 - s
-        if k1 > k0:
-            fk = feature_map(k[:, :, k0:k1], phi)  # (b, hkv, n, 2d)
-            vb = v[:, :, k0:k1].to(acc)
-            # key i is visible to query t iff i <= t - s
-            mask = (torch.arange(k0, k1, device=q.device)[None, :]
-                    <= torch.arange(q0, q1, device=q.device)[:, None] - s)
-            scores = torch.einsum("bhgtf,bhsf->bhgts", fq, fk) * mask
-            o = o + torch.einsum("bhgts,bhsd->bhgtd", scores, vb)
-            state = state + torch.einsum("bhsf,bhsd->bhfd", fk, vb)
-        outs.append(o)
-    out = torch.cat(outs, dim=3).reshape(b, hq, t, d)
-    return (out, state) if return_state else out
+    if s >= t:  # no query has a key outside its window (q * 0 keeps the autograd graph connected)
+        out = q.to(acc) * 0
+        return (out, q.new_zeros(b, hkv, 2 * d, d, dtype=acc)) if return_state else out
+    n = -(-t // chunk)
+    pad = n * chunk - t
+    fq = F.pad(feature_map(q, phi), (0, 0, 0, pad)).reshape(b, hkv, g, n, chunk, 2 * d)
+    # keys 0 .. t-s-1, placed at shifted positions s .. t-1
+    fk = F.pad(feature_map(k[:, :, : t - s], phi), (0, 0, s, pad)).reshape(b, hkv, n, chunk, 2 * d)
+    vs = F.pad(v[:, :, : t - s].to(acc), (0, 0, s, pad)).reshape(b, hkv, n, chunk, d)
+    d_state = torch.einsum("bhncf,bhncd->bhnfd", fk, vs)
+    total = d_state.sum(dim=2)
+    before = torch.cumsum(d_state, dim=2) - d_state  # state over all earlier chunks
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    scores = torch.einsum("bhgncf,bhnsf->bhgncs", fq, fk) * causal
+    out = torch.einsum("bhgncf,bhnfd->bhgncd", fq, before) + torch.einsum("bhgncs,bhnsd->bhgncd", scores, vs)
+    out = out.reshape(b, hq, n * chunk, d)[:, :, :t]
+    return (out, total) if return_state else out
 
 
 def rla_state(k: torch.Tensor, v: torch.Tensor, upto: int, phi: str = "sm2") -> torch.Tensor:

@@ -1,0 +1,50 @@
+"""Where a number came from: git commit, versions, device and date, for benchmarks and run tags."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_commit(short: bool = False) -> str:
+    """The checkout's HEAD commit (with '+dirty' when the tree has changes), or 'unknown'."""
+    try:
+        args = ["git", "-C", str(_ROOT), "rev-parse", "--short" if short else "--verify", "HEAD"]
+        sha = subprocess.run(args, capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(_ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("RATTENTION_GIT_COMMIT", "unknown")
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def provenance() -> dict[str, str]:
+    """The record every benchmark JSON carries."""
+    info = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "device": device_name(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": str(os.cpu_count()),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = "absent"
+    return info
