@@ -9,6 +9,12 @@ TRAIN_LR = "train/lr"
 TRAIN_GRAD_NORM = "train/grad_norm"
 TRAIN_TOKENS = "train/tokens"  # tokens seen so far
 TRAIN_TOKENS_PER_S = "train/tokens_per_s"
+TRAIN_RESUMED_AT = "train/resumed_at_step"  # logged once per (re)start from a checkpoint
+
+# ----- system (logged with the training metrics, by rank 0) --------------------------------------
+SYS_CPU_PERCENT = "system/cpu_percent"  # this process's CPU time / wall time since the last log, in %
+SYS_RSS_BYTES = "system/rss_bytes"  # this process's peak resident memory
+SYS_GPU_MEMORY_BYTES = "system/gpu_memory_bytes"  # CUDA memory allocated (GPU runs only)
 
 # ----- evaluation: quality ----------------------------------------------------------------------
 VAL_LOSS = "eval/val_loss"  # nats per token on the validation split
@@ -51,6 +57,14 @@ TAG_DATASET = "rattention.dataset_fingerprint"
 TAG_STUDY = "rattention.optuna_study"
 TAG_TRIAL = "rattention.optuna_trial"
 TAG_PARENT = "mlflow.parentRunId"
+TAG_RUN_ID = "rattention.run_id"  # the run folder's id: import-run of the same folder is a no-op
+TAG_RUN_DIR = "rattention.run_dir"
+TAG_SOURCE = "rattention.source"  # "ray" (logged live) or "import" (logged from a run folder)
+
+# ----- artifacts ----------------------------------------------------------------------------------
+ARTIFACT_CONFIG = "config.yaml"
+ARTIFACT_RESULTS = "results.json"
+ARTIFACT_METRICS = "metrics.jsonl"
 
 # The one number a window search optimises (lower is better).
 OBJECTIVE = VAL_LOSS

@@ -1,0 +1,257 @@
+"""One run = one validated config: model, data, train, eval, tracking, ray.
+
+Configs are YAML files with dotted ``key=value`` overrides (``train.lr=3e-4``). A bad field raises one
+``ConfigError`` line naming it (``train.lr: must be > 0, got -1``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rattention.config import ModelConfig, format_validation_error
+from rattention.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the tokens come from: a dataset folder made by ``rattention data prepare``."""
+
+    path: str = "data/stdlib"  # dataset folder: manifest.json, tokenizer.json, {split}-{index:06d}.tar
+    train_split: str = "train"
+    val_split: str = "val"
+    seq_len: int | None = None  # None: model.seq_len (they must agree when both are set)
+    batch_size: int = Field(8, gt=0)  # sequences per micro-batch, per worker
+
+
+class TrainConfig(_Section):
+    """The optimisation: AdamW, linear warmup then cosine decay to ``min_lr_ratio * lr``."""
+
+    steps: int = Field(200, gt=0)  # optimizer steps
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0)  # max global grad norm; 0 disables clipping
+    grad_accum: int = Field(1, gt=0)  # micro-batches per optimizer step
+    seed: int = 0
+    checkpoint_every: int = Field(100, ge=0)  # steps between checkpoints; 0: only the final one
+    keep_checkpoints: int = Field(2, gt=0)
+    compile: bool = False  # torch.compile the model
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    log_every: int = Field(10, gt=0)
+    out_dir: str = "runs"  # run folders go to out_dir/run_name
+    run_name: str | None = None  # None: <kind>-w<window>-<time>
+
+    @model_validator(mode="after")
+    def _warmup(self) -> TrainConfig:
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps: must be <= train.steps ({self.steps}), got {self.warmup_steps}")
+        return self
+
+
+class EvalConfig(_Section):
+    """What ``rattention eval`` (and the end of training) measures."""
+
+    enabled: bool = True  # evaluate at the end of training
+    val_batches: int = Field(8, gt=0)  # validation batches (of data.batch_size sequences)
+    buckets: list[int] = [0, 64, 256]  # bucket starts; the last bucket runs to the end of the context
+    copy_span: int = Field(32, gt=1)  # tokens in the repeated span
+    copy_distances: list[int] | None = None  # None: window // 2 and 2 * window (below and above the window)
+    copy_samples: int = Field(8, gt=0)
+    tasks: list[str] = []  # synthetic tasks from rattention.tasks, e.g. [mqar, needle]
+    task_lengths: list[int] = [1, 2, 4]  # multiples of the training length
+    task_samples: int = Field(16, gt=0)
+    decode_tokens: int = Field(64, ge=0)  # tokens generated to time decoding; 0 skips it
+
+    @field_validator("buckets")
+    @classmethod
+    def _buckets(cls, v: list[int]) -> list[int]:
+        if not v or v[0] != 0 or any(b <= a for a, b in zip(v, v[1:], strict=False)):
+            raise ValueError(f"must start at 0 and increase strictly, got {v}")
+        return v
+
+    @field_validator("copy_distances")
+    @classmethod
+    def _distances(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(d <= 0 for d in v):
+            raise ValueError(f"must be positive token distances, got {v}")
+        return v
+
+    @field_validator("task_lengths")
+    @classmethod
+    def _lengths(cls, v: list[int]) -> list[int]:
+        if any(m <= 0 for m in v):
+            raise ValueError(f"must be positive multiples of the training length, got {v}")
+        return v
+
+
+class TrackingConfig(_Section):
+    """MLflow: where runs go. No URI and no MLFLOW_TRACKING_URI: a local server is started."""
+
+    uri: str | None = None
+    experiment: str = "rattention"
+    server_dir: str = ".mlflow"  # the local server's SQLite file and artifacts, when one is started
+    system_metrics: bool = True
+
+
+class RayConfig(_Section):
+    """Ray Train: workers, GPUs, restarts. ``local_mode`` runs the loop in the driver process."""
+
+    address: str | None = None  # None: RAY_ADDRESS or a local Ray
+    workers: int = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    cpus_per_worker: float = Field(1, gt=0)
+    max_failures: int = Field(0, ge=-1)  # worker restarts from the last checkpoint; -1: unlimited
+    local_mode: bool = False
+
+
+class RunConfig(_Section):
+    """A whole run. Unknown sections or fields are errors."""
+
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _seq_len(self) -> RunConfig:
+        if self.data.seq_len is None:
+            self.data.seq_len = self.model.seq_len
+        elif self.data.seq_len != self.model.seq_len:
+            raise ValueError(f"data.seq_len: must equal model.seq_len ({self.model.seq_len}), "
+                             f"got {self.data.seq_len}")
+        return self
+
+    @property
+    def seq_len(self) -> int:
+        return self.model.seq_len
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON-safe)."""
+        return self.model_dump(mode="json")
+
+    def flat(self) -> dict[str, Any]:
+        """Flattened ``section.field`` mapping: the MLflow params."""
+        return flatten(self.to_dict())
+
+
+_QUALIFIED = re.compile(r"^([A-Za-z_][\w.]*): (.*)$")
+
+
+def _error_line(err: ValidationError) -> str:
+    """One line naming the field, e.g. ``train.lr: Input should be greater than 0, got -1``."""
+    line = format_validation_error(err)
+    head, _, rest = line.partition(": ")
+    m = _QUALIFIED.match(rest)
+    if m and m.group(1).split(".")[0] in RunConfig.model_fields:
+        line = rest  # ModelConfig already named its field (model.window: ...)
+    elif m and head in RunConfig.model_fields:
+        line = f"{head}.{rest}"  # a section's cross-field check: "train: warmup_steps: ..."
+    first = err.errors()[0]
+    if "input" in first and first["type"] not in ("extra_forbidden", "literal_error", "value_error") \
+            and ", got " not in line and not isinstance(first["input"], dict):
+        line += f", got {first['input']!r}"
+    return line
+
+
+def parse_run_config(data: dict[str, Any]) -> RunConfig:
+    """Validate a nested mapping; a bad field raises one ConfigError line naming it."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping of sections {list(RunConfig.model_fields)}, "
+                          f"got {type(data).__name__}")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_error_line(err)) from None
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted ``key=value`` pairs into a nested dict; values parse as YAML (``3e-4``, ``[1,2]``, ``null``)."""
+    out = _deep_copy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or "." not in key:
+            raise ConfigError(f"override {item!r}: expected section.field=value, e.g. train.lr=3e-4")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {key}: {p} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config (or start from defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{p}:{where} not valid YAML") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections {list(RunConfig.model_fields)}")
+    return parse_run_config(_floats(apply_overrides(data, overrides or [])))
+
+
+def dump_run_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (the run folder's ``config.yaml``)."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def _deep_copy(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _deep_copy(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_deep_copy(v) for v in d]
+    return d
+
+
+_SCI = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _floats(d: Any) -> Any:
+    """YAML 1.1 (PyYAML) reads ``3e-4`` as a string; read such strings as floats."""
+    if isinstance(d, dict):
+        return {k: _floats(v) for k, v in d.items()}
+    if isinstance(d, list):
+        return [_floats(v) for v in d]
+    if isinstance(d, str) and _SCI.match(d):
+        return float(d)
+    return d

@@ -1,0 +1,130 @@
+"""The run folder: everything needed to reproduce and import one run, without a tracking server.
+
+::
+
+    RUN/config.yaml        the resolved run config
+    RUN/meta.json          run id, tags (kind, window, git commit, dataset fingerprint), MLflow run id if any
+    RUN/metrics.jsonl      one line per logged step: {"step": 10, "time": 1.7e9, "train/loss": 4.2, ...}
+    RUN/results.json       the final evaluation
+    RUN/status.json        RUNNING / FINISHED / FAILED / KILLED, with the error line and the last step
+    RUN/checkpoints/       step_00000100.pt, loadable with torch.load(weights_only=True)
+
+``rattention import-run RUN`` logs such a folder into MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from rattention.errors import DataError
+from rattention.run_config import RunConfig, dump_run_config, load_run_config
+
+STATUSES = ("RUNNING", "FINISHED", "FAILED", "KILLED")
+
+
+class RunDir:
+    """One run's folder. Only rank 0 writes to it."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    # ----- paths -----------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def results_path(self) -> Path:
+        return self.path / "results.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    # ----- writing ---------------------------------------------------------------------------------
+    def create(self, cfg: RunConfig, tags: dict[str, str]) -> None:
+        """Write config and meta (keeping the run id of an existing folder, so a resume is the same run)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        dump_run_config(cfg, self.config_path)
+        meta = self.meta() if (self.path / "meta.json").is_file() else {"run_id": uuid.uuid4().hex}
+        meta.setdefault("created", time.time())
+        meta["tags"] = {**meta.get("tags", {}), **tags}
+        self.write_meta(meta)
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        _write_json(self.path / "meta.json", meta)
+
+    def update_meta(self, **fields: Any) -> None:
+        self.write_meta({**self.meta(), **fields})
+
+    def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """Append one JSON line (a metrics sink for the training loop)."""
+        row = {"step": step, "time": time.time(), **{k: _finite_or_str(v) for k, v in metrics.items()}}
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def write_results(self, results: dict[str, Any]) -> None:
+        _write_json(self.results_path, results)
+
+    def set_status(self, status: str, step: int | None = None, error: str | None = None) -> None:
+        assert status in STATUSES, status
+        _write_json(self.path / "status.json",
+                    {"status": status, "step": step, "error": error, "time": time.time()})
+
+    # ----- reading ---------------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.config_path.is_file()
+
+    def config(self) -> RunConfig:
+        if not self.config_path.is_file():
+            raise DataError(f"{self.path}: not a run folder (no config.yaml)")
+        return load_run_config(self.config_path)
+
+    def meta(self) -> dict[str, Any]:
+        return _read_json(self.path / "meta.json", {})
+
+    def status(self) -> dict[str, Any]:
+        return _read_json(self.path / "status.json", {"status": "RUNNING", "step": None, "error": None})
+
+    def results(self) -> dict[str, Any]:
+        return _read_json(self.results_path, {})
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """Logged rows by step; where a resumed run logged a step twice, the later row wins."""
+        rows: dict[int, dict[str, Any]] = {}
+        if self.metrics_path.is_file():
+            for line in self.metrics_path.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    rows[int(row["step"])] = row
+        return [rows[s] for s in sorted(rows)]
+
+
+def _finite_or_str(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN; keep it readable
+    return v
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def _read_json(path: Path, default: Any) -> Any:
+    if not path.is_file():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise DataError(f"{path}: not valid JSON") from None

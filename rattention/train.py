@@ -1,0 +1,399 @@
+"""The training loop: plain torch, one process or many under ``torch.distributed`` (DDP).
+
+The loop composes small components: the data loader (``rattention.data``), the optimizer and LR
+schedule (``rattention.optim``), checkpoints (``rattention.checkpoint``) and metrics sinks (callables
+``sink(step, metrics)``: the run folder's JSON lines, MLflow in the Ray job). Without Ray::
+
+    python -m rattention.train CONFIG.yaml [key=value ...]            # one process
+    torchrun --nproc-per-node 2 -m rattention.train CONFIG.yaml ...   # DDP
+
+writes a run folder (``rattention.rundir``) that ``rattention import-run`` logs into MLflow later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from rattention import metrics as M
+from rattention.checkpoint import FORMAT, Checkpointer, LocalCheckpointer, capture_rng, restore_rng
+from rattention.errors import ConfigError, TrainingError
+from rattention.model import LM
+from rattention.optim import build_optimizer, build_scheduler
+from rattention.run_config import RunConfig
+
+Sink = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class Faults:
+    """Fault injection for tests of the failure paths: a NaN loss at a step, or a process that dies once.
+
+    ``crash_marker`` makes the crash happen once: the process creates the file, then exits; a
+    restarted process sees the file and carries on.
+    """
+
+    nan_at_step: int | None = None
+    crash_at_step: int | None = None
+    crash_marker: str | None = None
+    crash_rank: int = 0
+
+    def maybe_crash(self, step: int, rank: int) -> None:
+        if self.crash_at_step is None or step != self.crash_at_step or rank != self.crash_rank:
+            return
+        marker = Path(self.crash_marker or "")
+        if self.crash_marker and marker.exists():
+            return
+        if self.crash_marker:
+            marker.write_text(f"crashed at step {step}\n")
+        os._exit(1)
+
+
+@dataclass
+class TrainResult:
+    """What a training session ended with (rank 0's view; loss is averaged over ranks)."""
+
+    step: int
+    tokens: int
+    loss: float
+    tokens_per_s: float
+    resumed_from: int | None
+    losses: dict[int, float] = field(default_factory=dict)  # every step of this session
+    peak_memory_bytes: int = 0
+    stopped_early: bool = False
+
+
+# ----- environment ----------------------------------------------------------------------------------
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of torch.distributed, or (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> None:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); gloo on CPU, NCCL on GPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto``: this rank's GPU when CUDA is present, else the CPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda requested but no CUDA device is available; use cpu or auto")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count())
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak CUDA memory allocated on GPU; this process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+class SystemSampler:
+    """System metrics for the process: CPU utilisation since the last sample, peak memory."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._wall, self._cpu = time.perf_counter(), _cpu_seconds()
+
+    def sample(self) -> dict[str, float]:
+        wall, cpu = time.perf_counter(), _cpu_seconds()
+        out = {M.SYS_CPU_PERCENT: 100.0 * (cpu - self._cpu) / max(1e-9, wall - self._wall),
+               M.SYS_RSS_BYTES: float(peak_memory_bytes(torch.device("cpu")))}
+        if self.device.type == "cuda":
+            out[M.SYS_GPU_MEMORY_BYTES] = float(torch.cuda.memory_allocated(self.device))
+        self._wall, self._cpu = wall, cpu
+        return out
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; nothing on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in nats, padding targets (-100) ignored."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+def make_loader(cfg: RunConfig, split: str, rank: int, world: int, infinite: bool | None = None):
+    """The packed-window loader of ``rattention.data`` for this rank."""
+    from rattention.data import PackedLoader
+
+    return PackedLoader(cfg.data.path, split=split, seq_len=cfg.seq_len, batch_size=cfg.data.batch_size,
+                        seed=cfg.train.seed, rank=rank, world_size=world, infinite=infinite)
+
+
+def dataset_vocab(cfg: RunConfig) -> int | None:
+    """The dataset's vocab size from its manifest (None when it does not say)."""
+    from rattention.data import read_manifest
+
+    v = read_manifest(cfg.data.path).get("vocab_size")
+    return int(v) if v is not None else None
+
+
+def dataset_fingerprint(path: str | Path) -> str:
+    """The dataset's manifest fingerprint, or 'unknown'."""
+    from rattention.data import read_manifest
+
+    try:
+        return str(read_manifest(path).get("fingerprint", "unknown"))
+    except Exception:  # noqa: BLE001 - a tag, never a reason to fail
+        return "unknown"
+
+
+def run_tags(cfg: RunConfig) -> dict[str, str]:
+    """Tags every run carries: local kind, window, git commit, dataset fingerprint."""
+    from rattention.provenance import git_commit
+
+    return {M.TAG_KIND: cfg.model.kind, M.TAG_WINDOW: str(cfg.model.window), M.TAG_GIT_COMMIT: git_commit(),
+            M.TAG_DATASET: dataset_fingerprint(cfg.data.path)}
+
+
+# ----- the loop ---------------------------------------------------------------------------------------
+
+def train(
+    cfg: RunConfig,
+    checkpointer: Checkpointer | None = None,
+    sinks: list[Sink] | None = None,
+    stop_after: int | None = None,
+    faults: Faults | None = None,
+    progress: bool = True,
+) -> tuple[nn.Module, TrainResult]:
+    """Train ``cfg`` to ``train.steps`` optimizer steps, resuming from ``checkpointer``'s latest state.
+
+    ``stop_after`` ends the session early after that step (with a checkpoint), as a preemption would.
+    NaN or inf loss raises TrainingError naming the step. Returns the (unwrapped) model and the result.
+    """
+    tc = cfg.train
+    rank, world = rank_world()
+    device = pick_device(tc.device)
+    sinks = sinks if rank == 0 else []
+    faults = faults or Faults()
+    vocab = dataset_vocab(cfg)
+    if vocab is not None and vocab > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size: must be >= the dataset's vocab size ({vocab}), "
+                          f"got {cfg.model.vocab_size}")
+
+    torch.manual_seed(tc.seed)  # the same initial weights on every rank
+    raw = LM(cfg.model).to(device)
+    opt = build_optimizer(raw, tc)
+    sched = build_scheduler(opt, tc)
+    loader = make_loader(cfg, cfg.data.train_split, rank, world)
+    step, tokens, resumed_from = 0, 0, None
+    state = checkpointer.load_latest() if checkpointer is not None else None
+    if state is not None:
+        if state.get("world_size") != world:
+            raise TrainingError(f"checkpoint at step {state['step']}: saved with {state.get('world_size')} "
+                                f"ranks, resuming with {world}; the data positions would not line up")
+        raw.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        loader.load_state_dict(state["loader"][rank])
+        restore_rng(state["rng"][rank])
+        step, tokens, resumed_from = int(state["step"]), int(state["tokens"]), int(state["step"])
+        for s in sinks:
+            s(step, {M.TRAIN_RESUMED_AT: float(step)})
+        if rank == 0 and progress:
+            print(f"resumed from step {step}", flush=True)
+    model: nn.Module = torch.compile(raw) if tc.compile else raw
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                    else None)
+
+    batch_tokens = cfg.data.batch_size * cfg.seq_len * tc.grad_accum * world
+    data: Iterator = iter(loader)
+    sampler = SystemSampler(device)
+    losses: dict[int, float] = {}
+    interval_loss, interval_steps, interval_t0 = 0.0, 0, time.perf_counter()
+    session_t0, session_steps = None, 0
+    stopped_early = False
+    model.train()
+    while step < tc.steps:
+        faults.maybe_crash(step + 1, rank)
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(tc.grad_accum):
+            inputs, targets = next(data)
+            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            sync = world == 1 or micro == tc.grad_accum - 1
+            ctx = contextlib.nullcontext() if sync else model.no_sync()
+            with ctx, autocast(device):
+                loss = lm_loss(model(inputs), targets) / tc.grad_accum
+                if faults.nan_at_step == step + 1:
+                    loss = loss * float("nan")
+                loss.backward()
+            loss_sum += loss.detach()
+        if world > 1:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        loss_val = float(loss_sum)
+        if not math.isfinite(loss_val):
+            raise TrainingError(f"step {step + 1}: loss is {loss_val}; training stopped "
+                                f"(lower train.lr={tc.lr:g} or check the data)")
+        max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(raw.parameters(), max_norm))
+        lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens += batch_tokens
+        losses[step] = loss_val
+        interval_loss += loss_val
+        interval_steps += 1
+        if session_t0 is None:  # the first step warms up (allocations, compilation): not timed
+            session_t0 = time.perf_counter()
+        else:
+            session_steps += 1
+        if step % tc.log_every == 0 or step == tc.steps:
+            now = time.perf_counter()
+            tps = interval_steps * batch_tokens / max(1e-9, now - interval_t0)
+            row = {M.TRAIN_LOSS: interval_loss / interval_steps, M.TRAIN_LR: lr, M.TRAIN_GRAD_NORM: grad_norm,
+                   M.TRAIN_TOKENS: float(tokens), M.TRAIN_TOKENS_PER_S: tps, **sampler.sample()}
+            for s in sinks:
+                s(step, row)
+            if rank == 0 and progress:
+                print(f"step {step:>6}/{tc.steps}  loss {row[M.TRAIN_LOSS]:.4f}  lr {lr:.2e}  "
+                      f"grad_norm {grad_norm:.3f}  {tps:,.0f} tok/s", flush=True)
+            interval_loss, interval_steps, interval_t0 = 0.0, 0, time.perf_counter()
+        stop_now = stop_after is not None and step >= stop_after and step < tc.steps
+        if checkpointer is not None and (step == tc.steps or stop_now
+                                         or (tc.checkpoint_every and step % tc.checkpoint_every == 0)):
+            state = training_state(cfg, raw, opt, sched, loader, step, tokens)
+            checkpointer.save(step, state if rank == 0 else None, {M.TRAIN_LOSS: loss_val, "step": float(step)})
+        if stop_now:
+            stopped_early = True
+            break
+    elapsed = time.perf_counter() - session_t0 if session_t0 is not None else 0.0
+    tps = session_steps * batch_tokens / elapsed if session_steps and elapsed > 0 else 0.0
+    last = losses[max(losses)] if losses else float("nan")
+    return raw, TrainResult(step=step, tokens=tokens, loss=last, tokens_per_s=tps, resumed_from=resumed_from,
+                            losses=losses, peak_memory_bytes=peak_memory_bytes(device),
+                            stopped_early=stopped_early)
+
+
+def training_state(cfg: RunConfig, model: nn.Module, opt: torch.optim.Optimizer, sched: Any, loader: Any,
+                   step: int, tokens: int) -> dict[str, Any]:
+    """The checkpoint dict; every rank's loader position and RNG state are gathered to rank 0."""
+    rank, world = rank_world()
+    mine = {"loader": loader.state_dict(), "rng": capture_rng()}
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, mine)
+    else:
+        gathered = [mine]
+    return {
+        "format": FORMAT,
+        "step": step,
+        "tokens": tokens,
+        "world_size": world,
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "loader": [g["loader"] for g in gathered],
+        "rng": [g["rng"] for g in gathered],
+        "config": cfg.to_dict(),
+    }
+
+
+# ----- a whole run without Ray: run folder, training, evaluation ----------------------------------------
+
+def default_run_name(cfg: RunConfig) -> str:
+    return cfg.train.run_name or f"{cfg.model.kind}-w{cfg.model.window}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_local(cfg: RunConfig, run_dir: str | Path | None = None, stop_after: int | None = None,
+              faults: Faults | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train (resuming from the run folder's checkpoints) and evaluate, writing everything to the run folder.
+
+    Returns the results dict (also ``results.json``). Status ends FINISHED, FAILED or KILLED.
+    """
+    from rattention.evaluate import evaluate
+    from rattention.rundir import RunDir
+
+    init_distributed()
+    rank, _ = rank_world()
+    rd = RunDir(run_dir or Path(cfg.train.out_dir) / default_run_name(cfg))
+    if rank == 0:
+        rd.create(cfg, run_tags(cfg))
+        rd.set_status("RUNNING")
+    if dist.is_initialized():
+        dist.barrier()
+    ckpt = LocalCheckpointer(rd.checkpoints, keep=cfg.train.keep_checkpoints)
+    step = None
+    try:
+        model, result = train(cfg, ckpt, sinks=[rd.log_metrics], stop_after=stop_after, faults=faults,
+                              progress=progress)
+        step = result.step
+        results: dict[str, Any] = {"step": result.step, "tokens": result.tokens, M.TRAIN_LOSS: result.loss,
+                                   M.TRAIN_THROUGHPUT: result.tokens_per_s}
+        if rank == 0 and cfg.eval.enabled and not result.stopped_early:
+            results.update(evaluate(model, cfg, train_tokens_per_s=result.tokens_per_s,
+                                    train_peak_memory=result.peak_memory_bytes))
+        if rank == 0:
+            rd.write_results(results)
+            rd.set_status("RUNNING" if result.stopped_early else "FINISHED", step=result.step)
+        return results
+    except KeyboardInterrupt:
+        if rank == 0:
+            rd.set_status("KILLED", step=step, error="interrupted")
+        raise
+    except Exception as err:
+        if rank == 0:
+            rd.set_status("FAILED", step=step, error=str(err).splitlines()[0] if str(err) else type(err).__name__)
+        raise
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m rattention.train CONFIG.yaml [key=value ...] [--run-dir DIR]``: a run without Ray."""
+    import argparse
+
+    from rattention.errors import RattentionError
+    from rattention.run_config import load_run_config
+
+    ap = argparse.ArgumentParser(prog="python -m rattention.train", description=main.__doc__)
+    ap.add_argument("config")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.lr=3e-4")
+    ap.add_argument("--run-dir", default=None, help="run folder (default: train.out_dir/<run name>)")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_run_config(args.config, args.overrides)
+        run_local(cfg, args.run_dir)
+    except RattentionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
