@@ -25,6 +25,215 @@ def use_triton(x: torch.Tensor) -> bool:
     return True
 
 
+def _scale(q: torch.Tensor, scale: float | None) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton ops, registered with torch.library so that they trace under torch.compile. The Triton
+# modules are imported inside the ops: a machine without Triton still imports this file.
+
+_NO_WINDOW = -1  # custom ops take ints: -1 stands for window=None (full causal)
+
+
+@torch.library.custom_op("rattention::swa_fwd", mutates_args=())
+def _swa_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    from kernels.triton_swa import swa_fwd
+
+    return swa_fwd(q, k, v, None if window == _NO_WINDOW else window, scale)
+
+
+@_swa_fwd_op.register_fake
+def _(q, k, v, window, scale):
+    b, h, t, d = q.shape
+    return q.new_empty(b, h, t, d), q.new_empty(b, h, t, dtype=torch.float32)
+
+
+@torch.library.custom_op("rattention::swa_bwd", mutates_args=())
+def _swa_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                lse: torch.Tensor, window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from kernels.triton_swa import swa_bwd
+
+    return swa_bwd(do, q, k, v, o, lse, None if window == _NO_WINDOW else window, scale)
+
+
+@_swa_bwd_op.register_fake
+def _(do, q, k, v, o, lse, window, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _swa_setup(ctx, inputs, output):
+    q, k, v, window, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.window, ctx.scale = window, scale
+
+
+def _swa_backward(ctx, do, dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.rattention.swa_bwd(do, q, k, v, o, lse, ctx.window, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_swa_fwd_op.register_autograd(_swa_backward, setup_context=_swa_setup)
+
+
+def _rla_sizes(d: int, chunk: int, seg_chunks: int) -> tuple[int, int]:
+    from kernels.triton_rla import _sizes
+
+    c, m, _, _ = _sizes(d, chunk or None, seg_chunks or None, None)
+    return c, m
+
+
+@torch.library.custom_op("rattention::rla_fwd", mutates_args=())
+def _rla_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, phi: str, chunk: int,
+                seg_chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from kernels.triton_rla import rla_fwd
+
+    return rla_fwd(q, k, v, window, phi, chunk or None, seg_chunks or None)
+
+
+@_rla_fwd_op.register_fake
+def _(q, k, v, window, phi, chunk, seg_chunks):
+    b, h, t, d = q.shape
+    c, m = _rla_sizes(d, chunk, seg_chunks)
+    nc = -(-t // c)
+    ns = -(-nc // m)
+    return (q.new_empty(b, h, t, d, dtype=torch.float32),
+            q.new_empty(b, k.shape[1], ns, 2 * d, d, dtype=torch.float32))
+
+
+@torch.library.custom_op("rattention::rla_bwd", mutates_args=())
+def _rla_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, states: torch.Tensor,
+                window: int, phi: str, chunk: int, seg_chunks: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from kernels.triton_rla import rla_bwd
+
+    return rla_bwd(do, q, k, v, states, window, phi, chunk or None, seg_chunks or None)
+
+
+@_rla_bwd_op.register_fake
+def _(do, q, k, v, states, window, phi, chunk, seg_chunks):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _rla_setup(ctx, inputs, output):
+    q, k, v, window, phi, chunk, seg_chunks = inputs
+    ctx.save_for_backward(q, k, v, output[1])
+    ctx.args = (window, phi, chunk, seg_chunks)
+
+
+def _rla_backward(ctx, do, dstates):
+    q, k, v, states = ctx.saved_tensors
+    dq, dk, dv = torch.ops.rattention.rla_bwd(do, q, k, v, states, *ctx.args)
+    return dq, dk, dv, None, None, None, None
+
+
+_rla_fwd_op.register_autograd(_rla_backward, setup_context=_rla_setup)
+
+
+@torch.library.custom_op("rattention::merge_fwd", mutates_args=())
+def _merge_fwd_op(a: torch.Tensor, b: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor, eps: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from kernels.triton_merge import merge_fwd
+
+    return merge_fwd(a, b, w_a, w_b, eps)
+
+
+@_merge_fwd_op.register_fake
+def _(a, b, w_a, w_b, eps):
+    return torch.empty_like(a), a.new_empty(a.shape[:3], dtype=torch.float32), \
+        a.new_empty(a.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("rattention::norm_fwd", mutates_args=())
+def _norm_fwd_op(a: torch.Tensor, w_a: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    from kernels.triton_merge import merge_fwd
+
+    out, ra, _ = merge_fwd(a, None, w_a, None, eps)
+    return out, ra
+
+
+@_norm_fwd_op.register_fake
+def _(a, w_a, eps):
+    return torch.empty_like(a), a.new_empty(a.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("rattention::norm_bwd", mutates_args=())
+def _norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    from kernels.triton_merge import norm_bwd
+
+    return norm_bwd(dy, x, w, rstd)
+
+
+@_norm_bwd_op.register_fake
+def _(dy, x, w, rstd):
+    return torch.empty_like(x), torch.empty_like(w)
+
+
+def _merge_setup(ctx, inputs, output):
+    a, b, w_a, w_b, _ = inputs
+    ctx.save_for_backward(a, b, w_a, w_b, output[1], output[2])
+
+
+def _merge_backward(ctx, dy, dra, drb):
+    a, b, w_a, w_b, ra, rb = ctx.saved_tensors
+    da, dwa = torch.ops.rattention.norm_bwd(dy, a, w_a, ra)
+    db, dwb = torch.ops.rattention.norm_bwd(dy, b, w_b, rb)
+    return da, db, dwa, dwb, None
+
+
+def _norm_setup(ctx, inputs, output):
+    a, w_a, _ = inputs
+    ctx.save_for_backward(a, w_a, output[1])
+
+
+def _norm_backward(ctx, dy, dra):
+    a, w_a, ra = ctx.saved_tensors
+    da, dwa = torch.ops.rattention.norm_bwd(dy, a, w_a, ra)
+    return da, dwa, None
+
+
+_merge_fwd_op.register_autograd(_merge_backward, setup_context=_merge_setup)
+_norm_fwd_op.register_autograd(_norm_backward, setup_context=_norm_setup)
+
+
+def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
+                     scale: float | None = None) -> torch.Tensor:
+    """``attention`` through the Triton op (any device under TRITON_INTERPRET=1, else CUDA)."""
+    window = _NO_WINDOW if window is None else window
+    return torch.ops.rattention.swa_fwd(q, k, v, window, _scale(q, scale))[0]
+
+
+def rla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, phi: str = "sm2",
+               chunk: int = 0, seg_chunks: int = 0) -> torch.Tensor:
+    """Residual linear attention through the Triton op, fp32 output; 0 picks the default chunk/segment."""
+    return torch.ops.rattention.rla_fwd(q, k, v, window, phi, chunk, seg_chunks)[0]
+
+
+def rattention_triton(
+    q_rope: torch.Tensor, k_rope: torch.Tensor, q_raw: torch.Tensor, k_raw: torch.Tensor, v: torch.Tensor,
+    window: int, w_swa: torch.Tensor, w_rla: torch.Tensor, phi: str = "sm2", eps: float = 1e-6,
+    scale: float | None = None, chunk: int = 0, seg_chunks: int = 0,
+) -> torch.Tensor:
+    """``rattention`` through the Triton ops: SWA, RLA, then the fused two-norm merge."""
+    o_swa = attention_triton(q_rope, k_rope, v, window, scale)
+    o_rla = rla_triton(q_raw, k_raw, v, window, phi, chunk, seg_chunks)
+    return torch.ops.rattention.merge_fwd(o_swa, o_rla, w_swa, w_rla, eps)[0]
+
+
+def normed_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
+                            w_swa: torch.Tensor, eps: float = 1e-6, scale: float | None = None) -> torch.Tensor:
+    """``normed_attention`` through the Triton ops."""
+    return torch.ops.rattention.norm_fwd(attention_triton(q, k, v, window, scale), w_swa, eps)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry points: Triton on CUDA, the torch paths elsewhere.
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, scale: float | None = None
 ) -> torch.Tensor:
@@ -32,6 +241,8 @@ def attention(
 
     (B, Hq, T, D) queries against (B, Hkv, T, D) keys and values; output in the dtype of q.
     """
+    if use_triton(q):
+        return attention_triton(q, k, v, window, scale)
     return swa_blockwise(q, k, v, window, scale)
 
 
@@ -51,8 +262,11 @@ def rattention(
 ) -> torch.Tensor:
     """The RAttention local layer: RMSNorm_swa(SWA(q_rope, k_rope, v)) + RMSNorm_rla(RLA(q_raw, k_raw, v)).
 
-    Output (B, Hq, T, D) in the dtype of q, before the output projection.
+    Output (B, Hq, T, D) in the dtype of q, before the output projection. ``chunk`` is the RLA chunk
+    length (a power of two >= 16 on the Triton path).
     """
+    if use_triton(q_rope):
+        return rattention_triton(q_rope, k_rope, q_raw, k_raw, v, window, w_swa, w_rla, phi, eps, scale, chunk)
     o_swa = swa_blockwise(q_rope, k_rope, v, window, scale)
     o_rla = rla_chunked(q_raw, k_raw, v, window, phi, chunk)
     return merge_naive(o_swa, o_rla, w_swa, w_rla, eps).to(q_rope.dtype)
@@ -63,6 +277,8 @@ def normed_attention(
     eps: float = 1e-6, scale: float | None = None,
 ) -> torch.Tensor:
     """SWA with RAttention's per-head output norm and no linear branch (the ablation switch)."""
+    if use_triton(q):
+        return normed_attention_triton(q, k, v, window, w_swa, eps, scale)
     return merge_naive(attention(q, k, v, window, scale), None, w_swa, None, eps).to(q.dtype)
 
 
