@@ -57,9 +57,11 @@ def _swa_fwd_kernel(
         k = tl.load(k_base + cols[:, None] * skt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
         v = tl.load(v_base + cols[:, None] * svt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
         s = mm(q, tl.trans(k), PREC, UPCAST) * qk_scale
-        diff = offs_m[:, None] - cols[None, :]
-        visible = (diff >= 0) & (diff <= WINDOW) & col_ok[None, :]
-        s = tl.where(visible, s, float("-inf"))
+        # only blocks on the diagonal, the window's edge or the end of the sequence need a mask
+        if (start_n + BN > pid_m * BM + 1) | ((pid_m + 1) * BM - 1 - start_n > WINDOW) | (start_n + BN > T):
+            diff = offs_m[:, None] - cols[None, :]
+            visible = (diff >= 0) & (diff <= WINDOW) & col_ok[None, :]
+            s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])
@@ -110,9 +112,11 @@ def _swa_bwd_dq_kernel(
         k = tl.load(k_base + cols[:, None] * skt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
         v = tl.load(v_base + cols[:, None] * svt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
         s = mm(q, tl.trans(k), PREC, UPCAST) * qk_scale
-        diff = offs_m[:, None] - cols[None, :]
-        visible = (diff >= 0) & (diff <= WINDOW) & col_ok[None, :] & row_ok[:, None]
-        p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
+        p = tl.exp2(s - lse[:, None])
+        if (start_n + BN > pid_m * BM + 1) | ((pid_m + 1) * BM - 1 - start_n > WINDOW) | (start_n + BN > T):
+            diff = offs_m[:, None] - cols[None, :]
+            visible = (diff >= 0) & (diff <= WINDOW) & col_ok[None, :] & row_ok[:, None]
+            p = tl.where(visible, p, 0.0)
         dp = mm(do, tl.trans(v), PREC, UPCAST)
         ds = p * (dp - delta[:, None])
         dq += mm(ds.to(k.dtype), k, PREC, UPCAST)
@@ -156,9 +160,12 @@ def _swa_bwd_dkv_kernel(
             lse = tl.load(LSE + bh * T + rows, mask=row_ok, other=0.0)
             delta = tl.load(DELTA + bh * T + rows, mask=row_ok, other=0.0)
             st = mm(k, tl.trans(q), PREC, UPCAST) * qk_scale  # (BN keys, BM queries)
-            diff = rows[None, :] - offs_n[:, None]
-            visible = (diff >= 0) & (diff <= WINDOW) & row_ok[None, :] & col_ok[:, None]
-            pt = tl.where(visible, tl.exp2(st - lse[None, :]), 0.0)
+            pt = tl.exp2(st - lse[None, :])
+            n0 = pid_n * BN
+            if (n0 + BN > start_m + 1) | (start_m + BM - 1 - n0 > WINDOW) | (start_m + BM > T) | (n0 + BN > T):
+                diff = rows[None, :] - offs_n[:, None]
+                visible = (diff >= 0) & (diff <= WINDOW) & row_ok[None, :] & col_ok[:, None]
+                pt = tl.where(visible, pt, 0.0)
             dv += mm(pt.to(do.dtype), do, PREC, UPCAST)
             dpt = mm(v, tl.trans(do), PREC, UPCAST)
             dst = pt * (dpt - delta[None, :])
