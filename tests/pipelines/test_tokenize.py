@@ -1,0 +1,200 @@
+"""The tokenize Ray job on a real local Ray: counts, checksums, idempotence, bad input, plain webdataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+from tokenizers import Tokenizer
+
+from pipelines.tokenize import (
+    SplitWriter,
+    doc_key,
+    make_config,
+    prepare,
+    resolve_sources,
+    split_of,
+    stdlib_files,
+)
+from rattention.data import read_manifest, sha256_file
+from rattention.errors import ConfigError, DataError
+
+N_STDLIB = 24
+
+
+@pytest.fixture(scope="module")
+def stdlib_ds(ray_local, tmp_path_factory) -> tuple[Path, list[str]]:
+    out = tmp_path_factory.mktemp("ds") / "stdlib"
+    logs: list[str] = []
+    cfg = make_config(out=out, max_files=N_STDLIB, vocab_size=600, shard_tokens=30_000, val_fraction=0.2,
+                      num_cpus=2)
+    prepare(cfg, log=logs.append)
+    return out, logs
+
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("mixed") / "corpus"
+    (d / "sub").mkdir(parents=True)
+    (d / "latin1.txt").write_bytes("caf\u00e9 ".encode("latin-1") + b"ol\xff\xfe and more text\n" * 3)
+    (d / "empty.md").write_text("")
+    (d / "blank.txt").write_text("  \n\n")
+    (d / "sub" / "code.py").write_text("def f(x):\n    return x + 1\n" * 20)
+    (d / "notes.md").write_text("# Title\n\nSome *markdown* text.\n")
+    (d / "ignored.bin").write_bytes(b"\x00\x01")
+    lines = [
+        json.dumps({"text": "first record"}),
+        json.dumps({"body": "no text field"}),
+        "{not json",
+        "",
+        json.dumps({"text": "second record <|endoftext|> with a literal special token"}),
+        json.dumps({"text": 42}),
+    ]
+    (d / "records.jsonl").write_text("\n".join(lines) + "\n")
+    pq.write_table(pa.table({"text": ["parquet row one", None, "parquet row three"]}), d / "rows.parquet")
+    return d
+
+
+def test_stdlib_manifest_counts_and_checksums(stdlib_ds):
+    out, logs = stdlib_ds
+    m = read_manifest(out)
+    assert m["vocab_size"] == 600 and m["dtype"] == "uint16" and m["eos_id"] == 0
+    assert m["tokenizer"]["sha256"] == sha256_file(out / "tokenizer.json")
+    c = m["counts"]
+    assert c["work_items"] == N_STDLIB
+    assert c["documents"] + sum(c["skipped"].values()) == N_STDLIB
+    assert c["documents"] == sum(m["splits"][s]["documents"] for s in ("train", "val"))
+    assert c["tokens"] == sum(m["splits"][s]["tokens"] for s in ("train", "val"))
+    assert len(m["splits"]["train"]["shards"]) >= 4  # shard_tokens is honoured
+    for split in ("train", "val"):
+        for shard in m["splits"][split]["shards"]:
+            assert shard["file"].startswith(f"{split}-") and shard["file"].endswith(".tar")
+            assert sha256_file(out / shard["file"]) == shard["sha256"]
+    # no temp folders left behind, summary line printed
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]
+    assert "documents" in logs[-1] and "tokens/s" in logs[-1]
+
+
+def test_plain_webdataset_reads_the_tokenizer_tokens(stdlib_ds):
+    """No project code: webdataset + the saved tokenizer give back each source file's tokens."""
+    out, _ = stdlib_ds
+    m = json.loads((out / "manifest.json").read_text())
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    cfg = make_config(out=out, max_files=N_STDLIB)
+    items, _ = resolve_sources(cfg)
+    by_key = {doc_key(it["id"]): it for it in items}
+    urls = [str(out / s["file"]) for sp in m["splits"].values() for s in sp["shards"]]
+    seen = 0
+    for sample in wds.WebDataset(urls, shardshuffle=False).decode():
+        assert set(sample) >= {"__key__", "tokens.npy"} and "." not in sample["__key__"]
+        arr = sample["tokens.npy"]
+        assert arr.dtype == np.uint16
+        it = by_key[sample["__key__"]]
+        text = Path(it["path"]).read_text(encoding="utf-8", errors="replace")
+        assert arr.tolist() == tok.encode(text, add_special_tokens=False).ids
+        assert Path(sample["__url__"]).name.startswith(split_of(it["id"], 0.2) + "-")
+        seen += 1
+    assert seen == m["counts"]["documents"]
+
+
+def test_rerun_is_a_noop_and_force_rebuilds(stdlib_ds):
+    out, _ = stdlib_ds
+    before = (out / "manifest.json").read_text()
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    logs: list[str] = []
+    cfg = make_config(out=out, max_files=N_STDLIB, vocab_size=600, shard_tokens=30_000, val_fraction=0.2)
+    prepare(cfg, log=logs.append)
+    assert "up to date" in logs[-1]
+    assert (out / "manifest.json").read_text() == before
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+    # another config on the same folder is refused without --force
+    other = make_config(out=out, max_files=N_STDLIB, vocab_size=600, shard_tokens=30_000, val_fraction=0.3)
+    with pytest.raises(DataError, match="pass --force"):
+        prepare(other)
+
+
+def test_existing_tokenizer_gives_identical_tokens(stdlib_ds, tmp_path):
+    out, _ = stdlib_ds
+    cfg = make_config(out=tmp_path / "again", max_files=N_STDLIB, tokenizer=out / "tokenizer.json",
+                      shard_tokens=30_000, val_fraction=0.2)
+    m2 = prepare(cfg, log=lambda s: None)
+    m1 = read_manifest(out)
+    assert m2["tokenizer"]["sha256"] == m1["tokenizer"]["sha256"]
+    for split in ("train", "val"):
+        assert m2["splits"][split]["tokens"] == m1["splits"][split]["tokens"]
+        assert [s["documents"] for s in m2["splits"][split]["shards"]] == [
+            s["documents"] for s in m1["splits"][split]["shards"]
+        ]
+
+
+def test_mixed_folder_counts_bad_input(ray_local, mixed_folder, tmp_path):
+    out = tmp_path / "mixed"
+    m = prepare(make_config(out=out, sources=[str(mixed_folder)], vocab_size=300, val_fraction=0.0),
+                log=lambda s: None)
+    c = m["counts"]
+    # documents: latin1.txt, code.py, notes.md, 2 jsonl records, 2 parquet rows
+    assert c["documents"] == 7
+    assert c["skipped"] == {"empty": 3, "missing_field": 3, "bad_json": 1}
+    assert c["replaced_bytes"] == 3 * 2 + 1  # "\xff\xfe" per line, and the latin-1 "\xe9"
+    assert c["documents_with_replaced_bytes"] == 1
+    assert m["splits"]["val"]["documents"] == 0 and m["splits"]["train"]["documents"] == 7
+    # a literal "<|endoftext|>" in text is encoded as text, so EOS never appears inside documents
+    for sample in wds.WebDataset([str(out / s["file"]) for s in m["splits"]["train"]["shards"]],
+                                 shardshuffle=False).decode():
+        assert m["eos_id"] not in sample["tokens.npy"].tolist()
+
+
+def test_one_line_errors(ray_local, tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        prepare(make_config(out=tmp_path / "a", sources=[str(tmp_path / "missing")]))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("")
+    (empty / "b.jsonl").write_text('{"other": 1}\n')
+    with pytest.raises(DataError, match="no documents"):
+        prepare(make_config(out=tmp_path / "b", sources=[str(empty)]), log=lambda s: None)
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(ConfigError, match="vocab_size"):
+        prepare(make_config(out=tmp_path / "c", sources=[str(empty)], vocab_size=100))
+    with pytest.raises(ConfigError, match="val_fraction"):
+        make_config(out=tmp_path / "d", val_fraction=1.5)
+    with pytest.raises(DataError, match="datasets"):
+        prepare(make_config(out=tmp_path / "e", sources=["hf:wikitext"]))
+
+
+def test_interrupted_run_leaves_nothing_that_looks_complete(ray_local, mixed_folder, tmp_path, monkeypatch):
+    def boom(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SplitWriter, "finish", boom)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(make_config(out=tmp_path / "ds", sources=[str(mixed_folder)], vocab_size=300),
+                log=lambda s: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stdlib_listing_excludes_tests_and_site_packages():
+    files = stdlib_files()
+    assert len(files) > 300
+    parts = {p for f in files for p in f.parts}
+    assert not parts & {"test", "tests", "site-packages", "idle_test"}
+    assert sum(f.stat().st_size for f in files) > 8e6
+
+
+def test_cli_error_is_one_line(tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    r = subprocess.run(
+        [sys.executable, "-m", "rattention.cli", "data", "prepare", str(tmp_path / "nope"), "--out",
+         str(tmp_path / "o")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: no such file or folder"]
