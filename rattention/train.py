@@ -341,7 +341,10 @@ def run_local(cfg: RunConfig, run_dir: str | Path | None = None, stop_after: int
 
     init_distributed()
     rank, _ = rank_world()
-    rd = RunDir(run_dir or Path(cfg.train.out_dir) / default_run_name(cfg))
+    path = [str(run_dir or Path(cfg.train.out_dir) / default_run_name(cfg))]
+    if dist.is_initialized():
+        dist.broadcast_object_list(path, src=0)  # one folder, named by rank 0
+    rd = RunDir(path[0])
     if rank == 0:
         rd.create(cfg, run_tags(cfg))
         rd.set_status("RUNNING")

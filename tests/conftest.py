@@ -1,19 +1,78 @@
-"""Shared pytest fixtures."""
+"""Shared fixtures: a tiny tokenized dataset, a real MLflow server on 127.0.0.1, a local Ray.
+
+Session-scoped so the whole suite pays each start-up once. Append new fixtures; keep these.
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 
+TRAIN_VOCAB = 64
+TRAIN_EOS = 0
 
-# ----- Ray (data pipeline tests) ---------------------------------------------------------------
+
+def write_token_dataset(folder: Path, docs: dict[str, list[np.ndarray]], vocab_size: int, eos_id: int) -> Path:
+    """A dataset folder per the data contract: manifest.json, tokenizer.json, {split}-{i:06d}.tar shards."""
+    import webdataset as wds
+
+    from rattention.data import FORMAT_VERSION, sha256_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split, items in docs.items():
+        shards = []
+        for i in range(2):  # two shards per split, so two ranks each get one
+            name = f"{split}-{i:06d}.tar"
+            part = items[i::2]
+            with wds.TarWriter(str(folder / name)) as w:
+                for j, toks in enumerate(part):
+                    w.write({"__key__": f"doc{i}_{j:05d}", "tokens.npy": toks.astype(np.uint16)})
+            shards.append({"file": name, "sha256": sha256_file(folder / name), "documents": len(part),
+                           "tokens": int(sum(len(t) for t in part))})
+        splits[split] = {"shards": shards, "documents": sum(s["documents"] for s in shards),
+                         "tokens": sum(s["tokens"] for s in shards)}
+    (folder / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "test"}}))
+    manifest = {"format_version": FORMAT_VERSION, "source": {"sources": ["synthetic test"]},
+                "tokenizer": {"file": "tokenizer.json", "sha256": sha256_file(folder / "tokenizer.json")},
+                "vocab_size": vocab_size, "eos_id": eos_id, "splits": splits,
+                "fingerprint": "test-" + "0" * 59, "created": "2025-01-01T00:00:00Z"}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return folder
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray for the whole session, with 2 CPUs as on CI; pipelines reuse it via init_ray."""
+def train_dataset(tmp_path_factory) -> Path:
+    """Learnable synthetic documents over 64 ids: phrases from a small fixed set, repeated (loss drops fast)."""
+    rng = np.random.default_rng(0)
+    phrases = [rng.integers(1, TRAIN_VOCAB, size=rng.integers(4, 9)) for _ in range(12)]
+
+    def doc() -> np.ndarray:
+        return np.concatenate([phrases[k] for k in rng.integers(0, len(phrases), size=rng.integers(8, 30))])
+
+    docs = {"train": [doc() for _ in range(200)], "val": [doc() for _ in range(40)]}
+    return write_token_dataset(tmp_path_factory.mktemp("train_dataset"), docs, TRAIN_VOCAB, TRAIN_EOS)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """URI of a real MLflow server (SQLite backend) on 127.0.0.1, for the whole session."""
+    from pipelines.tracking import local_server
+
+    with local_server(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray with 4 logical CPUs (2 DDP workers plus room), shut down at the end."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
+    from pipelines.ray_utils import init_ray
+
+    resources = init_ray(num_cpus=4)
+    yield resources
     ray.shutdown()
