@@ -67,7 +67,7 @@ def mlflow_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_local():
     """A local Ray with 4 logical CPUs (2 DDP workers plus room), shut down at the end."""
     import ray
 
