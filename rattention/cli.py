@@ -98,6 +98,63 @@ def data_synth(
 # ----- train / eval / import-run (pipelines.train, rattention.evaluate) -------------------------
 
 
+@app.command()
+def train(
+    config: Path = typer.Argument(..., help="Run config YAML (see configs/)."),
+    overrides: list[str] = typer.Argument(None, help="Dotted key=value overrides, e.g. train.lr=3e-4"),
+    run_dir: Path = typer.Option(None, "--run-dir", help="Run folder (default: train.out_dir/<run name>)."),
+    no_ray: bool = typer.Option(False, "--no-ray", help="Plain torch, no Ray, no MLflow: a run folder only "
+                                "(import it later with import-run)."),
+) -> None:
+    """Train one run on Ray Train, tracked in MLflow (or with --no-ray, into a run folder only)."""
+    from rattention.run_config import load_run_config
+
+    cfg = load_run_config(config, overrides or [])
+    if no_ray:
+        from rattention.train import run_local
+
+        results = run_local(cfg, run_dir)
+    else:
+        from pipelines.train import fit
+
+        results = fit(cfg, config, run_dir)
+    _print_results(results)
+
+
+@app.command("eval")
+def eval_cmd(
+    path: Path = typer.Argument(..., help="A run folder or a checkpoint file."),
+    overrides: list[str] = typer.Argument(None, help="Config overrides, e.g. data.path=... eval.tasks=[mqar]"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda."),
+    uri: str = typer.Option(None, "--tracking-uri", help="Log into the run's MLflow run at this server."),
+) -> None:
+    """Evaluate a run folder or checkpoint: quality, copy at distance, tasks, efficiency."""
+    from pipelines.evaluate import run_eval
+
+    results, out = run_eval(path, overrides or [], device=device, uri=uri)
+    _print_results(results)
+    print(f"wrote {out}")
+
+
+@app.command("import-run")
+def import_run_cmd(
+    run_dir: Path = typer.Argument(..., help="A run folder written by `rattention train --no-ray`."),
+    uri: str = typer.Option(None, "--tracking-uri", help="MLflow server (default: config, "
+                            "MLFLOW_TRACKING_URI, or a local server)."),
+    experiment: str = typer.Option(None, help="Experiment (default: the run's tracking.experiment)."),
+) -> None:
+    """Log a run folder into MLflow (a no-op when it was imported before)."""
+    from pipelines.import_run import import_run
+
+    print(f"MLflow run {import_run(run_dir, uri, experiment)}")
+
+
+def _print_results(results: dict) -> None:
+    for k, v in results.items():
+        print(f"{k:<36} {v:.6g}" if isinstance(v, float) else f"{k:<36} {v}")
+
+
+
 # ----- demo -------------------------------------------------------------------------------------
 
 
