@@ -81,6 +81,11 @@ def merge_fwd(
     """(out, rstd_a, rstd_b): out = RMSNorm(a) w_a + RMSNorm(b) w_b in ``out_dtype`` (default a's dtype)."""
     check_launch(a)
     bs, h, t, d = a.shape
+    if b is not None and b.shape != a.shape:
+        raise ValueError(f"merge: branch shapes differ, {tuple(a.shape)} and {tuple(b.shape)}")
+    for w in (w_a, w_b if b is not None else w_a):
+        if w.shape != (h, d):
+            raise ValueError(f"merge: norm scale must be (heads, head_dim) = {(h, d)}, got {tuple(w.shape)}")
     bt = _block_t(d)
     out = new_output((bs, h, t, d), out_dtype or a.dtype, a.device)
     ra = new_output((bs, h, t), torch.float32, a.device)

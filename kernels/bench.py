@@ -1,0 +1,351 @@
+"""Kernel benchmark: ``python -m kernels.bench`` on one GPU (torch + triton only; fla when importable).
+
+First checks our Triton ops at full size against the fp32 torch paths (outputs and every input
+gradient, ||x - ref|| / ||ref||) and refuses to time an op that fails. Then times, side by side,
+forward and forward+backward medians (``triton.testing.do_bench``) of our SWA, RLA and RAttention
+ops, SDPA full causal, FlexAttention sliding window and the unfused composite (FlexAttention SWA +
+torch sm2 + torch chunked linear attention on padded k/v + two RMSNorms), with the bf16 matmul
+ceiling of the same run and peak extra memory of the forward+backward. Writes the JSON record and
+a markdown table, and prints the table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kernels.ops import attention_triton, rattention_triton, rla_triton
+from kernels.reference import rms_norm_heads
+from kernels.torch_ops import rla_chunked, swa_blockwise
+
+HQ, HKV, D, TOKENS = 16, 4, 128, 65536
+T_GRID = (4096, 8192, 16384, 32768)
+TOL_BF16 = 1e-2
+RLA_CHUNK = 64
+
+
+def _git_commit() -> str:
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _rel(x: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(x).all():
+        return float("inf")
+    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def _bench(fn: Callable[[], object]) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOP counts (useful work; backward counted as 2.5x forward for softmax attention, 2x for RLA)
+
+
+def swa_flops(b: int, t: int, window: int | None) -> float:
+    w = t - 1 if window is None else min(window, t - 1)
+    pairs = (w + 1) * t - w * (w + 1) / 2
+    return 4.0 * b * HQ * D * pairs
+
+
+def rla_flops(b: int, t: int, chunk: int = RLA_CHUNK) -> float:
+    read = 2 * (2 * D) * D * HQ  # phi(q) S per query
+    update = 2 * (2 * D) * D * HKV  # phi(k)^T v per key
+    intra = HQ * (chunk / 2) * (2 * 2 * D + 2 * D)  # causal half of the chunk's scores and values
+    return float(b * t * (read + update + intra))
+
+
+def matmul_ceiling() -> float:
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = _bench(lambda: a @ b)
+    return 2 * n**3 / ms / 1e9
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementations under test: each takes the input dict and returns the output tensor.
+
+
+_FLEX_WINDOW: torch.Tensor | None = None  # one global tensor: a new window needs no recompile
+
+
+def _flex_mask(b, h, qi, kj):
+    return (qi >= kj) & (qi - kj <= _FLEX_WINDOW)
+
+
+def _flex():
+    """FlexAttention sliding window, compiled once per shape; the window is a tensor the mask reads."""
+    global _FLEX_WINDOW
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    for knob in ("cache_size_limit", "recompile_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 64)
+    _FLEX_WINDOW = torch.zeros((), dtype=torch.int64, device="cuda")
+    compiled = torch.compile(flex_attention, dynamic=False)
+    masks: dict[tuple[int, int], object] = {}
+
+    def run(q, k, v, window: int):
+        t = q.shape[2]
+        _FLEX_WINDOW.fill_(window)
+        if (t, window) not in masks:
+            masks[(t, window)] = create_block_mask(_flex_mask, None, None, t, t, device="cuda")
+        return compiled(q, k, v, block_mask=masks[(t, window)], enable_gqa=True)
+
+    return run
+
+
+def composite(flex, x: dict, window: int, w_swa: torch.Tensor, w_rla: torch.Tensor) -> torch.Tensor:
+    """What a user can assemble today: FlexAttention SWA + torch chunked LA (sm2, padded k/v) + 2 norms."""
+    o_swa = flex(x["q"], x["k"], x["v"], window)
+    o_rla = rla_chunked(x["q_raw"], x["k_raw"], x["v"], window, "sm2", RLA_CHUNK)
+    return (rms_norm_heads(o_swa, w_swa) + rms_norm_heads(o_rla, w_rla)).to(x["q"].dtype)
+
+
+def make_inputs(b: int, t: int, dtype=torch.bfloat16) -> dict:
+    """Model-layout views: (B, T, H, D) storage seen as (B, H, T, D), as the attention module passes them."""
+    def view(h):
+        return torch.randn(b, t, h, D, device="cuda", dtype=dtype).transpose(1, 2).requires_grad_()
+
+    x = {"q": view(HQ), "k": view(HKV), "v": view(HKV), "q_raw": view(HQ), "k_raw": view(HKV)}
+    x["w_swa"] = (1 + 0.1 * torch.randn(HQ, D, device="cuda")).requires_grad_()
+    x["w_rla"] = (1 + 0.1 * torch.randn(HQ, D, device="cuda")).requires_grad_()
+    return x
+
+
+def _grads(out: torch.Tensor, inputs: list[torch.Tensor], do: torch.Tensor) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(out, inputs, do))
+
+
+def check(name: str, ours: Callable, ref: Callable, inputs: list[torch.Tensor], tol: float) -> dict:
+    """Compare output and every input gradient of ours (bf16) vs ref (same function in fp32)."""
+    out = ours(*inputs)
+    do = torch.randn_like(out)
+    g = _grads(out, inputs, do)
+    ref_in = [x.detach().float().requires_grad_() for x in inputs]
+    r = ref(*ref_in)
+    gr = _grads(r, ref_in, do.float())
+    errs = {"out": _rel(out, r)}
+    for i, (a, b_) in enumerate(zip(g, gr, strict=True)):
+        errs[f"grad{i}"] = _rel(a, b_)
+    worst = max(errs.values())
+    ok = worst < tol
+    print(f"check {name:28s} worst rel err {worst:.2e} {'ok' if ok else 'FAIL'} {errs}", flush=True)
+    del out, g, r, gr
+    return {"name": name, "ok": ok, "errors": errs}
+
+
+def fwd_bwd_timer(fn: Callable[[], torch.Tensor], inputs: list[torch.Tensor]) -> tuple[Callable, Callable]:
+    out = fn()
+    do = torch.randn_like(out)
+    del out
+
+    def fwd():
+        with torch.no_grad():
+            return fn()
+
+    def fwd_bwd():
+        o = fn()
+        return torch.autograd.grad(o, inputs, do)
+
+    return fwd, fwd_bwd
+
+
+def peak_extra_mb(fn: Callable[[], torch.Tensor], inputs: list[torch.Tensor]) -> float:
+    out = fn()
+    do = torch.randn_like(out)
+    del out
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    o = fn()
+    g = torch.autograd.grad(o, inputs, do)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    del o, g
+    return (peak - base) / 2**20
+
+
+def one_length(t: int, flex, has_fla: bool, ceiling: float, rows: list[dict], checks: list[dict]) -> None:
+    """Check, then time, every implementation at sequence length t (B = TOKENS / t); append rows."""
+    b = TOKENS // t
+    x = make_inputs(b, t)
+    q, k, v, qr, kr, ws, wr = (x[n] for n in ("q", "k", "v", "q_raw", "k_raw", "w_swa", "w_rla"))
+    t0 = time.time()
+    # correctness at full size, ours (bf16) against the fp32 torch paths
+    ok: dict[str, bool] = {}
+    for w in (512, 1024, 4096):
+        c = check(f"swa w={w} T={t}", lambda q_, k_, v_, w=w: attention_triton(q_, k_, v_, w),
+                  lambda q_, k_, v_, w=w: swa_blockwise(q_, k_, v_, w), [q, k, v], TOL_BF16)
+        checks.append(c)
+        ok[f"swa{w}"] = c["ok"]
+    c = check(f"rla w=512 T={t}", lambda q_, k_, v_: rla_triton(q_, k_, v_, 512),
+              lambda q_, k_, v_: rla_chunked(q_, k_, v_, 512, "sm2", RLA_CHUNK), [qr, kr, v], TOL_BF16)
+    checks.append(c)
+    ok["rla512"] = c["ok"]
+    for w in (512, 1024):
+        def ours(*a, w=w):
+            return rattention_triton(*a[:5], w, a[5], a[6])
+
+        def ref(*a, w=w):
+            o_swa = swa_blockwise(a[0], a[1], a[4], w)
+            o_rla = rla_chunked(a[2], a[3], a[4], w, "sm2", RLA_CHUNK)
+            return rms_norm_heads(o_swa, a[5]) + rms_norm_heads(o_rla, a[6])
+
+        c = check(f"rattention w={w} T={t}", ours, ref, [q, k, qr, kr, v, ws, wr], TOL_BF16)
+        checks.append(c)
+        ok[f"ratt{w}"] = c["ok"]
+    print(f"checks at T={t} took {time.time() - t0:.1f}s", flush=True)
+
+    all_in = [q, k, qr, kr, v, ws, wr]
+    impls: list[tuple[str, int | None, Callable, list, float, str | None]] = []
+    for w in (512, 1024, 4096):
+        impls.append((f"ours SWA w={w}", w, lambda w=w: attention_triton(q, k, v, w), [q, k, v],
+                      swa_flops(b, t, w), None if ok[f"swa{w}"] else "failed check"))
+    impls.append(("ours RLA w=512", 512, lambda: rla_triton(qr, kr, v, 512), [qr, kr, v],
+                  rla_flops(b, t), None if ok["rla512"] else "failed check"))
+    for w in (512, 1024):
+        impls.append((f"ours RAttention w={w}", w,
+                      lambda w=w: rattention_triton(q, k, qr, kr, v, w, ws, wr), all_in,
+                      swa_flops(b, t, w) + rla_flops(b, t), None if ok[f"ratt{w}"] else "failed check"))
+    # SDPA on kv heads repeated beforehand, so that the flash backend serves it
+    ke, ve = (z.detach().repeat_interleave(HQ // HKV, dim=1).requires_grad_() for z in (k, v))
+    impls.append(("SDPA full causal", None,
+                  lambda: F.scaled_dot_product_attention(q, ke, ve, is_causal=True),
+                  [q, ke, ve], swa_flops(b, t, None), None))
+    for w in (512, 1024, 4096):
+        impls.append((f"FlexAttention SWA w={w}", w, lambda w=w: flex(q, k, v, w), [q, k, v],
+                      swa_flops(b, t, w), None))
+    impls.append(("fla chunk_linear_attn dk=256", None, None, [], 0.0,
+                  None if has_fla else "unavailable (fla not importable)"))
+    impls.append(("unfused composite w=512", 512, lambda: composite(flex, x, 512, ws, wr), all_in,
+                  swa_flops(b, t, 512) + rla_flops(b, t), None))
+    for name, w, fn, ins, flops, skip in impls:
+        row = {"impl": name, "T": t, "B": b, "window": w, "fwd_ms": None, "fwd_bwd_ms": None,
+               "fwd_tflops": None, "fwd_bwd_tflops": None, "peak_extra_mb": None, "status": skip or "ok"}
+        if skip is None and fn is not None:
+            try:
+                f, fb = fwd_bwd_timer(fn, ins)
+                row["fwd_ms"] = _bench(f)
+                row["fwd_bwd_ms"] = _bench(fb)
+                row["peak_extra_mb"] = peak_extra_mb(fn, ins)
+                if flops:
+                    row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
+                    bwd_factor = 3.5 if "RLA" not in name else 3.0
+                    if "RAttention" in name or "composite" in name:
+                        bwd_factor = (3.5 * swa_flops(b, t, w) + 3.0 * rla_flops(b, t)) / flops
+                    row["fwd_bwd_tflops"] = bwd_factor * flops / row["fwd_bwd_ms"] / 1e9
+                    row["fwd_bwd_frac_ceiling"] = row["fwd_bwd_tflops"] / ceiling
+            except Exception as e:  # a baseline that cannot run here is reported, not fatal
+                row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            torch.cuda.empty_cache()
+        rows.append(row)
+        fmt = lambda z: "-" if z is None else f"{z:.2f}"
+        print(f"T={t:6d} {name:30s} fwd {fmt(row['fwd_ms'])} ms  fwd+bwd {fmt(row['fwd_bwd_ms'])} ms  "
+              f"{fmt(row['fwd_bwd_tflops'])} TFLOP/s  peak {fmt(row['peak_extra_mb'])} MB  {row['status']}",
+              flush=True)
+
+
+def run(t_grid: tuple[int, ...], out_json: Path, out_md: Path | None) -> list[dict]:
+    torch.manual_seed(0)
+    import triton
+
+    dev = torch.cuda.get_device_name()
+    ceiling = matmul_ceiling()
+    print(f"device {dev}; bf16 matmul ceiling {ceiling:.0f} TFLOP/s", flush=True)
+    flex = _flex()
+    try:
+        import fla  # noqa: F401
+
+        has_fla = True
+    except ImportError:
+        has_fla = False
+    rows: list[dict] = []
+    checks: list[dict] = []
+    for t in t_grid:
+        one_length(t, flex, has_fla, ceiling, rows, checks)
+        torch.cuda.empty_cache()
+
+    record = {
+        "device": dev, "torch": torch.__version__, "triton": triton.__version__, "commit": _git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m kernels.bench", "shapes": {"dtype": "bfloat16", "Hq": HQ, "Hkv": HKV, "D": D,
+                                                        "tokens": TOKENS, "T": list(t_grid)},
+        "matmul_ceiling_tflops": ceiling, "checks": checks, "rows": rows,
+        "notes": "fwd_bwd TFLOP/s count the backward as 2.5x the forward for softmax attention and 2x for RLA; "
+                 "RLA FLOPs are the chunk form's useful work (chunk 64). The composite uses the torch chunked "
+                 "RLA (fp32) in place of fla, which is not installed on this box.",
+    }
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(record, indent=1))
+    md = markdown(record)
+    if out_md is not None:
+        out_md.write_text(md)
+    print(md)
+    return rows
+
+
+def markdown(record: dict) -> str:
+    """The fwd+bwd (and fwd) table of a record, one row per implementation, one column per T."""
+    ts = record["shapes"]["T"]
+    names = list(dict.fromkeys(r["impl"] for r in record["rows"]))
+    by = {(r["impl"], r["T"]): r for r in record["rows"]}
+    head = "| implementation | " + " | ".join(f"T={t} fwd / fwd+bwd ms" for t in ts) + " | TFLOP/s f+b @8192 |"
+    lines = [
+        f"{record['device']}, torch {record['torch']}, triton {record['triton']}, commit {record['commit'][:10]}, "
+        f"{record['date']}; bf16, Hq={HQ}, Hkv={HKV}, D={D}, B*T={TOKENS}; "
+        f"bf16 matmul ceiling {record['matmul_ceiling_tflops']:.0f} TFLOP/s",
+        "",
+        head,
+        "|" + "---|" * (len(ts) + 2),
+    ]
+    for n in names:
+        cells = []
+        for t in ts:
+            r = by.get((n, t))
+            if r is None or r["fwd_bwd_ms"] is None:
+                cells.append(r["status"] if r else "-")
+            else:
+                cells.append(f"{r['fwd_ms']:.2f} / **{r['fwd_bwd_ms']:.2f}**")
+        r8 = by.get((n, 8192))
+        tf = f"{r8['fwd_bwd_tflops']:.0f}" if r8 and r8.get("fwd_bwd_tflops") else "-"
+        lines.append(f"| {n} | " + " | ".join(cells) + f" | {tf} |")
+    mem = [r for r in record["rows"] if r["impl"] == "ours RAttention w=512" and r["peak_extra_mb"] is not None]
+    if mem:
+        lines += ["", "Peak extra memory of ours RAttention w=512, fwd+bwd (B*T fixed, so per-token cost): "
+                  + ", ".join(f"T={r['T']}: {r['peak_extra_mb']:.0f} MB "
+                              f"({r['peak_extra_mb'] * 2**20 / TOKENS:.0f} B/token)" for r in mem)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--T", type=int, nargs="*", default=list(T_GRID), help="sequence lengths (B = 65536 / T)")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/kernels-h200.json"))
+    p.add_argument("--md", type=Path, default=None, help="also write the markdown table here")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("kernels.bench: needs a CUDA GPU (the CPU benchmark is benchmarks/bench_cpu.py)")
+    run(tuple(a.T), a.out, a.md)
+
+
+if __name__ == "__main__":
+    main()
