@@ -99,13 +99,13 @@ class RunDir:
         return _read_json(self.results_path, {})
 
     def metrics(self) -> list[dict[str, Any]]:
-        """Logged rows by step; where a resumed run logged a step twice, the later row wins."""
+        """Logged rows by step, merged; where a resumed run logged a step twice, the later values win."""
         rows: dict[int, dict[str, Any]] = {}
         if self.metrics_path.is_file():
             for line in self.metrics_path.read_text().splitlines():
                 if line.strip():
                     row = json.loads(line)
-                    rows[int(row["step"])] = row
+                    rows.setdefault(int(row["step"]), {}).update(row)
         return [rows[s] for s in sorted(rows)]
 
 

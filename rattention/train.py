@@ -197,7 +197,7 @@ def train(
     tc = cfg.train
     rank, world = rank_world()
     device = pick_device(tc.device)
-    sinks = sinks if rank == 0 else []
+    sinks = list(sinks or []) if rank == 0 else []
     faults = faults or Faults()
     vocab = dataset_vocab(cfg)
     if vocab is not None and vocab > cfg.model.vocab_size:

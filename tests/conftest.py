@@ -76,3 +76,18 @@ def ray_local():
     resources = init_ray(num_cpus=4)
     yield resources
     ray.shutdown()
+
+
+TINY_MODEL = ["model.vocab_size=64", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1",
+              "model.head_dim=16", "model.n_layers=2", "model.layout=LG", "model.window=8", "model.seq_len=32"]
+
+
+def tiny_run_config(dataset: Path, *overrides: str):
+    """A run config of a 2-layer, d_model 32, T=32, w=8 model on ``dataset``: trains in about a second."""
+    from rattention.run_config import load_run_config
+
+    base = [f"data.path={dataset}", *TINY_MODEL, "data.batch_size=4", "train.steps=24", "train.lr=1e-2",
+            "train.warmup_steps=2", "train.log_every=1", "train.checkpoint_every=8", "eval.buckets=[0,8,16]",
+            "eval.val_batches=4", "eval.decode_tokens=8", "eval.copy_samples=4", "eval.tasks=[mqar]",
+            "eval.task_samples=4", "ray.cpus_per_worker=1"]
+    return load_run_config(None, [*base, *overrides])

@@ -1,0 +1,118 @@
+"""The plain-torch training loop and its run folder: configs, loss going down, resume, NaN, checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rattention import metrics as M
+from rattention.checkpoint import LocalCheckpointer
+from rattention.errors import ConfigError, TrainingError
+from rattention.optim import WarmupCosine
+from rattention.rundir import RunDir
+from rattention.run_config import load_run_config
+from rattention.train import Faults, run_local
+from tests.conftest import tiny_run_config
+
+CONFIGS = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_validate(path: Path) -> None:
+    cfg = load_run_config(path)
+    assert cfg.data.seq_len == cfg.model.seq_len
+
+
+def test_at_least_one_config_shipped() -> None:
+    assert any(p.name == "demo.yaml" for p in CONFIGS)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("train.lr=-1", "train.lr:"), ("model.window=-3", "model.window:"), ("model.n_heads=3", "model.n_heads:"),
+    ("train.bogus=1", "train.bogus: unknown field"), ("trian.lr=1", "trian: unknown field"),
+    ("train.warmup_steps=10000", "train.warmup_steps:"), ("data.seq_len=7", "data.seq_len:"),
+    ("eval.buckets=[0,9,3]", "eval.buckets:"), ("model.kind=gla", "model.kind:"), ("lr=3", "override 'lr=3'"),
+])
+def test_bad_field_is_one_line_naming_it(override: str, field: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_run_config(None, [override])
+    msg = str(err.value)
+    assert msg.startswith(field) and "\n" not in msg
+
+
+def test_overrides_parse_yaml_values(tmp_path: Path) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 3e-4\n  steps: 10\n  warmup_steps: 2\n")
+    cfg = load_run_config(f, ["train.steps=20", "eval.tasks=[mqar,niah]", "tracking.uri=null"])
+    assert cfg.train.lr == 3e-4 and cfg.train.steps == 20 and cfg.eval.tasks == ["mqar", "niah"]
+    assert cfg.flat()["train.steps"] == 20
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_run_config(tmp_path / "missing.yaml")
+
+
+def test_warmup_then_cosine() -> None:
+    f = WarmupCosine(warmup=4, total=14, min_ratio=0.1)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(9) == pytest.approx(0.55)  # half way down the cosine
+    assert f(14) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
+
+
+def test_local_run_trains_and_writes_run_folder(train_dataset: Path, tmp_path: Path) -> None:
+    cfg = tiny_run_config(train_dataset, "train.steps=40")
+    results = run_local(cfg, tmp_path / "run", progress=False)
+    rd = RunDir(tmp_path / "run")
+    rows = rd.metrics()
+    losses = [r[M.TRAIN_LOSS] for r in rows if M.TRAIN_LOSS in r]
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5  # from ~ln 64 = 4.16 well down
+    assert rd.status()["status"] == "FINISHED" and rd.status()["step"] == 40
+    assert rd.results() == json.loads(json.dumps(results))
+    for key in (M.VAL_LOSS, M.val_loss_bucket(0, 8), M.val_loss_bucket(16, None), M.copy_loss(4),
+                M.copy_loss(16), M.task_accuracy("mqar", 32), M.task_accuracy("mqar", 128), M.PARAMS,
+                M.TRAIN_THROUGHPUT, M.DECODE_THROUGHPUT, M.PEAK_MEMORY, M.cache_bytes_at(32768)):
+        assert key in results, key
+    assert results[M.VAL_LOSS] < 3.5
+    meta = rd.meta()
+    assert meta["tags"][M.TAG_KIND] == "rattention" and meta["tags"][M.TAG_WINDOW] == "8"
+    # checkpoints: the newest two, each loadable with weights_only=True and holding the whole state
+    paths = LocalCheckpointer(rd.checkpoints).paths()
+    assert [p.name for p in paths] == ["step_00000032.pt", "step_00000040.pt"]
+    state = torch.load(paths[-1], weights_only=True)
+    assert {"model", "optimizer", "scheduler", "loader", "rng", "step", "tokens", "config"} <= set(state)
+    assert state["step"] == 40 and state["tokens"] == 40 * 4 * 32
+
+
+def test_resume_continues_the_same_curve(train_dataset: Path, tmp_path: Path) -> None:
+    cfg = tiny_run_config(train_dataset, "train.steps=12", "train.checkpoint_every=4", "eval.enabled=false")
+    run_local(cfg, tmp_path / "straight", progress=False)
+    run_local(cfg, tmp_path / "resumed", stop_after=6, progress=False)
+    assert RunDir(tmp_path / "resumed").status()["status"] == "RUNNING"  # preempted, resumable
+    run_local(cfg, tmp_path / "resumed", progress=False)  # picks up its checkpoint at step 6
+    straight = {r["step"]: r for r in RunDir(tmp_path / "straight").metrics()}
+    resumed = {r["step"]: r for r in RunDir(tmp_path / "resumed").metrics()}
+    assert max(resumed) == 12 and RunDir(tmp_path / "resumed").status()["status"] == "FINISHED"
+    assert resumed[6][M.TRAIN_RESUMED_AT] == 6
+    for step in range(1, 13):
+        assert resumed[step][M.TRAIN_LOSS] == pytest.approx(straight[step][M.TRAIN_LOSS], rel=1e-5), step
+    a = torch.load(LocalCheckpointer(tmp_path / "straight" / "checkpoints").paths()[-1], weights_only=True)
+    b = torch.load(LocalCheckpointer(tmp_path / "resumed" / "checkpoints").paths()[-1], weights_only=True)
+    assert a["loader"] == b["loader"] and a["tokens"] == b["tokens"] == 12 * 4 * 32
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6)
+
+
+def test_nan_loss_stops_with_named_step(train_dataset: Path, tmp_path: Path) -> None:
+    cfg = tiny_run_config(train_dataset, "train.steps=10")
+    with pytest.raises(TrainingError, match=r"^step 3: loss is nan"):
+        run_local(cfg, tmp_path / "run", faults=Faults(nan_at_step=3), progress=False)
+    status = RunDir(tmp_path / "run").status()
+    assert status["status"] == "FAILED" and status["error"].startswith("step 3: loss is nan")
+
+
+def test_vocab_smaller_than_dataset_is_a_config_error(train_dataset: Path, tmp_path: Path) -> None:
+    cfg = tiny_run_config(train_dataset, "model.vocab_size=16")
+    with pytest.raises(ConfigError, match=r"^model.vocab_size: must be >= the dataset's vocab size \(64\)"):
+        run_local(cfg, tmp_path / "run", progress=False)
