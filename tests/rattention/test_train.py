@@ -12,8 +12,8 @@ from rattention import metrics as M
 from rattention.checkpoint import LocalCheckpointer
 from rattention.errors import ConfigError, TrainingError
 from rattention.optim import WarmupCosine
-from rattention.rundir import RunDir
 from rattention.run_config import load_run_config
+from rattention.rundir import RunDir
 from rattention.train import Faults, run_local
 from tests.conftest import tiny_run_config
 
