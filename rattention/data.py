@@ -25,8 +25,9 @@ batches do not count), so ``load_state_dict()`` resumes without repeating or ski
 Each rank saves and restores its own loader state. ``seq_len`` and ``batch_size`` may change on
 resume; ``seed`` and the number of readers may not.
 
-This module imports only numpy and torch at import time; ``webdataset`` is imported when reading,
-so a GPU box without it can still import the module.
+This module imports only numpy at import time; torch and ``webdataset`` are imported when
+iterating, so a GPU box without webdataset can import it, and Ray workers that only need
+``sha256_file`` do not pay for torch.
 """
 
 from __future__ import annotations
@@ -37,13 +38,14 @@ import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.utils.data as tud
 
 from rattention.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_VERSION = 1
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
@@ -292,6 +294,8 @@ class PackedLoader:
             yield reader, pos, *self._to_tensors(rows)
 
     def _to_tensors(self, rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
         w = torch.from_numpy(np.stack(rows))
         inputs = w[:, :-1].clone()
         inputs[inputs == IGNORE_INDEX] = self.eos_id
@@ -305,9 +309,11 @@ class PackedLoader:
             (r,) = self.readers
             it: Iterator = self.batches(r, self._positions[r])
         else:
+            import torch.utils.data as tud
+
             it = iter(
                 tud.DataLoader(
-                    _WorkerStreams(self, dict(self._positions)),
+                    _worker_streams(self, dict(self._positions)),
                     batch_size=None,
                     num_workers=self.num_workers,
                     prefetch_factor=2,
@@ -324,17 +330,33 @@ class PackedLoader:
             yield inputs, targets
 
 
-class _WorkerStreams(tud.IterableDataset):
+def _worker_streams(loader: PackedLoader, positions: dict[int, tuple[int, int, int]]) -> Any:
     """The torch IterableDataset a DataLoader worker runs: the batches of its own reader."""
+    cls = globals().get("_WorkerStreams") or __getattr__("_WorkerStreams")  # imports torch
+    ds = cls()
+    ds.loader, ds.positions = loader, positions
+    return ds
 
-    def __init__(self, loader: PackedLoader, positions: dict[int, tuple[int, int, int]]):
-        self.loader, self.positions = loader, positions
 
-    def __iter__(self) -> Iterator[tuple[int, tuple, Any, Any]]:
-        info = tud.get_worker_info()
-        wid = 0 if info is None else info.id
-        reader = self.loader.readers[wid]
-        return self.loader.batches(reader, self.positions[reader])
+def __getattr__(name: str) -> Any:
+    """Create ``_WorkerStreams`` (a torch IterableDataset) on first use, so that importing this
+    module does not import torch, while the class still pickles by name for spawned workers."""
+    if name != "_WorkerStreams":
+        raise AttributeError(name)
+    import torch.utils.data as tud
+
+    class _WorkerStreams(tud.IterableDataset):
+        loader: PackedLoader
+        positions: dict[int, tuple[int, int, int]]
+
+        def __iter__(self) -> Iterator[tuple[int, tuple, Any, Any]]:
+            info = tud.get_worker_info()
+            reader = self.loader.readers[0 if info is None else info.id]
+            return self.loader.batches(reader, self.positions[reader])
+
+    _WorkerStreams.__qualname__ = name  # pickles as rattention.data._WorkerStreams
+    globals()[name] = _WorkerStreams
+    return _WorkerStreams
 
 
 def _dist_rank_world() -> tuple[int, int]:
