@@ -351,7 +351,8 @@ class SplitWriter:
         import webdataset as wds
 
         name = f"{self.split}-{len(self.shards):06d}.tar"
-        self._writer = wds.TarWriter(str(self.folder / name))
+        # a fixed mtime makes the tar bytes (and sha256) a function of the content alone
+        self._writer = wds.TarWriter(str(self.folder / name), mtime=0.0)
         self.shards.append({"file": name, "documents": 0, "tokens": 0})
 
     def write(self, key: str, arrays: dict[str, np.ndarray], n_tokens: int) -> None:
