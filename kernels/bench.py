@@ -31,7 +31,7 @@ from kernels.torch_ops import rla_chunked, swa_blockwise
 HQ, HKV, D, TOKENS = 16, 4, 128, 65536
 T_GRID = (4096, 8192, 16384, 32768)
 TOL_BF16 = 1e-2
-RLA_CHUNK = 64
+RLA_CHUNK = 64  # the torch chunked path (reference and composite)
 
 
 def _git_commit() -> str:
@@ -65,7 +65,7 @@ def swa_flops(b: int, t: int, window: int | None) -> float:
     return 4.0 * b * HQ * D * pairs
 
 
-def rla_flops(b: int, t: int, chunk: int = RLA_CHUNK) -> float:
+def rla_flops(b: int, t: int, chunk: int = 32) -> float:
     read = 2 * (2 * D) * D * HQ  # phi(q) S per query
     update = 2 * (2 * D) * D * HKV  # phi(k)^T v per key
     intra = HQ * (chunk / 2) * (2 * 2 * D + 2 * D)  # causal half of the chunk's scores and values
@@ -291,7 +291,7 @@ def run(t_grid: tuple[int, ...], out_json: Path, out_md: Path | None) -> list[di
                                                         "tokens": TOKENS, "T": list(t_grid)},
         "matmul_ceiling_tflops": ceiling, "checks": checks, "rows": rows,
         "notes": "fwd_bwd TFLOP/s count the backward as 2.5x the forward for softmax attention and 2x for RLA; "
-                 "RLA FLOPs are the chunk form's useful work (chunk 64). The composite uses the torch chunked "
+                 "RLA FLOPs are the chunk form's useful work (chunk 32). The composite uses the torch chunked "
                  "RLA (fp32) in place of fla, which is not installed on this box.",
     }
     out_json.parent.mkdir(parents=True, exist_ok=True)
@@ -336,14 +336,36 @@ def markdown(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tune_rla(t: int = 8192, window: int = 512) -> None:
+    """Time our RLA forward+backward over (chunk, block_v) at one length; prints one line per variant."""
+    from kernels.triton_rla import rla_bwd, rla_fwd
+
+    x = make_inputs(TOKENS // t, t)
+    q, k, v = x["q_raw"], x["k_raw"], x["v"]
+    do = torch.randn(q.shape, device="cuda", dtype=torch.float32)
+    for c, m, bv in ((32, 16, 64), (32, 16, 32), (16, 32, 64), (32, 8, 64), (32, 32, 64)):
+        try:
+            o, st = rla_fwd(q, k, v, window, "sm2", c, m, bv)
+            f = _bench(lambda c=c, m=m, bv=bv: rla_fwd(q, k, v, window, "sm2", c, m, bv))
+            fb = _bench(lambda c=c, m=m, bv=bv: rla_bwd(do, q, k, v, rla_fwd(q, k, v, window, "sm2", c, m, bv)[1],
+                                                       window, "sm2", c, m, bv))
+            print(f"tune rla T={t} C={c} m={m} BV={bv}: fwd {f:.2f} ms, fwd+bwd {fb:.2f} ms", flush=True)
+        except Exception as e:
+            print(f"tune rla C={c} m={m} BV={bv}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--T", type=int, nargs="*", default=list(T_GRID), help="sequence lengths (B = 65536 / T)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/kernels-h200.json"))
     p.add_argument("--md", type=Path, default=None, help="also write the markdown table here")
+    p.add_argument("--tune-rla", action="store_true", help="only time RLA chunk/block variants")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("kernels.bench: needs a CUDA GPU (the CPU benchmark is benchmarks/bench_cpu.py)")
+    if a.tune_rla:
+        tune_rla()
+        return
     run(tuple(a.T), a.out, a.md)
 
 

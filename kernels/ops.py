@@ -262,11 +262,11 @@ def rattention(
 ) -> torch.Tensor:
     """The RAttention local layer: RMSNorm_swa(SWA(q_rope, k_rope, v)) + RMSNorm_rla(RLA(q_raw, k_raw, v)).
 
-    Output (B, Hq, T, D) in the dtype of q, before the output projection. ``chunk`` is the RLA chunk
-    length (a power of two >= 16 on the Triton path).
+    Output (B, Hq, T, D) in the dtype of q, before the output projection. ``chunk`` is the torch
+    path's RLA chunk length; the Triton path uses its tuned one (kernels.triton_rla).
     """
-    if use_triton(q_rope):
-        return rattention_triton(q_rope, k_rope, q_raw, k_raw, v, window, w_swa, w_rla, phi, eps, scale, chunk)
+    if use_triton(q_rope):  # the kernels use their own tuned chunk: the function is the same
+        return rattention_triton(q_rope, k_rope, q_raw, k_raw, v, window, w_swa, w_rla, phi, eps, scale)
     o_swa = swa_blockwise(q_rope, k_rope, v, window, scale)
     o_rla = rla_chunked(q_raw, k_raw, v, window, phi, chunk)
     return merge_naive(o_swa, o_rla, w_swa, w_rla, eps).to(q_rope.dtype)

@@ -241,12 +241,15 @@ def _rla_bwd_dkv_kernel(
 
 
 def _sizes(d: int, chunk: int | None, seg_chunks: int | None, block_v: int | None) -> tuple[int, int, int, int]:
-    """(C, m, BV, num_warps): small tiles under the interpreter."""
+    """(C, m, BV, num_warps): small tiles under the interpreter. On sm_90 with D=128, C=64 needs 245 KB of
+    shared memory in the dK/dV kernel (fp32 tf32 operands), over the 227 KB limit; C=32, BV=64 needs 78 KB."""
     if interpreted():
         c, m, bv, warps = 16, 2, min(32, d), 4
     else:
-        c, m, bv, warps = 64, 8, 32, 8
-    return chunk or c, seg_chunks or m, block_v or bv, warps
+        c, m, bv = 32, 16, 64
+    c, m, bv = chunk or c, seg_chunks or m, block_v or bv
+    warps = 4 if interpreted() or bv <= 32 else 8
+    return c, m, bv, warps
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, window: int, phi: str, c: int, bv: int) -> None:
@@ -275,7 +278,7 @@ def _seg_sums(x: torch.Tensor, y: torch.Tensor, hkv: int, off: int, c: int, m: i
     _seg_sum_kernel[(ns, b * hkv, d // bv)](
         x, y, out, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
         t, hkv, hx // hkv, off, nc, m,
-        D=d, C=c, BV=bv, PHI=PHI_IDS[phi], PREC=dot_precision(x.dtype), num_warps=warps,
+        D=d, C=c, BV=bv, PHI=PHI_IDS[phi], PREC=dot_precision(x.dtype), num_warps=warps, num_stages=2,
     )
     return out
 
@@ -304,7 +307,7 @@ def rla_fwd(
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
         t, hq, hq // hkv, s, nc, m, ns,
-        D=d, C=c, BV=bv, PHI=PHI_IDS[phi], PREC=dot_precision(q.dtype), num_warps=warps,
+        D=d, C=c, BV=bv, PHI=PHI_IDS[phi], PREC=dot_precision(q.dtype), num_warps=warps, num_stages=2,
     )
     return o, states
 
@@ -334,7 +337,7 @@ def rla_bwd(
     dq = torch.zeros((b, hq, t, d), dtype=torch.float32, device=q.device)  # atomics accumulate here
     _rla_bwd_dq_kernel[(ns, b * hq, d // bv)](
         q, k, v, do, states, dq, *strides, t, hq, hq // hkv, s, nc, m, ns,
-        D=d, C=c, BV=bv, PHI=PHI_IDS[phi], PREC=prec, num_warps=warps,
+        D=d, C=c, BV=bv, PHI=PHI_IDS[phi], PREC=prec, num_warps=warps, num_stages=2,
     )
     dk = torch.zeros((b, hkv, t, d), dtype=torch.float32, device=q.device)
     dv = new_output((b, hkv, t, d), v.dtype, q.device)
@@ -342,7 +345,7 @@ def rla_bwd(
     dv[:, :, max(0, nc * c - s):] = 0
     _rla_bwd_dkv_kernel[(ns, b * hkv, d // bv)](
         q, k, v, do, dstates, dk, dv, *strides, t, hkv, hq // hkv, s, nc, m, ns,
-        D=d, C=c, BV=bv, PHI=PHI_IDS[phi], PREC=prec, num_warps=warps,
+        D=d, C=c, BV=bv, PHI=PHI_IDS[phi], PREC=prec, num_warps=warps, num_stages=2,
     )
     return dq.to(q.dtype), dk.to(k.dtype), dv
 
