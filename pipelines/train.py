@@ -81,8 +81,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     except TrainingError as err:  # every rank sees the same (all-reduced) loss: stop cleanly, no restart
         ray.train.report({"error": str(err)})
         return
-    report: dict[str, Any] = {"step": result.step, "tokens": result.tokens, M.TRAIN_LOSS: result.loss,
-                              M.TRAIN_THROUGHPUT: result.tokens_per_s}
+    report: dict[str, Any] = {"step": result.step, "tokens": result.tokens, M.TRAIN_THROUGHPUT: result.tokens_per_s}
     if rank == 0:
         results: dict[str, Any] = dict(report)
         if cfg.eval.enabled:

@@ -50,6 +50,7 @@ class Faults:
     crash_at_step: int | None = None
     crash_marker: str | None = None
     crash_rank: int = 0
+    crash_delay_s: float = 0.0  # wait before dying, e.g. for a supervisor to collect the last report
 
     def maybe_crash(self, step: int, rank: int) -> None:
         if self.crash_at_step is None or step != self.crash_at_step or rank != self.crash_rank:
@@ -59,6 +60,7 @@ class Faults:
             return
         if self.crash_marker:
             marker.write_text(f"crashed at step {step}\n")
+        time.sleep(self.crash_delay_s)
         os._exit(1)
 
 
@@ -356,7 +358,7 @@ def run_local(cfg: RunConfig, run_dir: str | Path | None = None, stop_after: int
         model, result = train(cfg, ckpt, sinks=[rd.log_metrics], stop_after=stop_after, faults=faults,
                               progress=progress)
         step = result.step
-        results: dict[str, Any] = {"step": result.step, "tokens": result.tokens, M.TRAIN_LOSS: result.loss,
+        results: dict[str, Any] = {"step": result.step, "tokens": result.tokens,
                                    M.TRAIN_THROUGHPUT: result.tokens_per_s}
         if rank == 0 and cfg.eval.enabled and not result.stopped_early:
             results.update(evaluate(model, cfg, train_tokens_per_s=result.tokens_per_s,
