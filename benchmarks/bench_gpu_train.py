@@ -1,0 +1,145 @@
+"""GPU training figures, in one script run on a CUDA machine (torch + triton; no Ray needed):
+
+1. ``kernels``: the same short RAttention training on one GPU through the Triton kernels and through
+   the torch path (``RATTENTION_KERNELS=torch``), same seed and data: the loss curves must match.
+2. ``ddp``: the ~125M model of ``configs/gpu-125m-ddp.yaml`` (T=8192, w=512, bf16) on 1 GPU against
+   2 GPUs (torchrun, NCCL) at the same global batch, for ``rattention`` and ``full``: tokens/s,
+   scaling efficiency, and the loss after N steps.
+
+    python benchmarks/bench_gpu_train.py --data data/stdlib-32k --parts kernels,ddp --out results-dir
+
+Writes ``gpu-train.json`` (and per-run folders) under ``--out`` and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import rattention.metrics as M  # noqa: E402
+from rattention.provenance import provenance  # noqa: E402
+
+# NVLink multicast stays off on shared hosts (device README).
+SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def read_losses(run_dir: Path) -> dict[int, float]:
+    """Logged training loss by step from the run folder's metrics.jsonl."""
+    losses = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "train/loss" in row:
+            losses[int(row["step"])] = float(row["train/loss"])
+    return losses
+
+
+def run_training(name: str, config: str, overrides: list[str], out: Path, nproc: int,
+                 env_extra: dict[str, str] | None = None) -> dict:
+    """One training run (torchrun when nproc > 1); returns its results, losses and wall time."""
+    run_dir = out / name
+    cmd = [sys.executable, "-m", "rattention.train", config, *overrides, "--run-dir", str(run_dir)]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "rattention.train", config, *overrides, "--run-dir", str(run_dir)]
+    env = {**os.environ, **SAFE_ENV, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    print(f"\n=== {name}: {' '.join(cmd[2:])}", flush=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {"name": name, "error": f"exit {proc.returncode}", "wall_s": wall}
+    results = json.loads((run_dir / "results.json").read_text())
+    return {"name": name, "results": results, "losses": read_losses(run_dir), "wall_s": wall}
+
+
+def part_kernels(args, out: Path) -> dict:
+    cfg = "configs/gpu-125m-ddp.yaml"
+    common = [f"data.path={args.data}", f"train.steps={args.kernel_steps}", "train.log_every=5",
+              "model.n_layers=4", "model.seq_len=4096", "train.warmup_steps=5", "data.batch_size=2"]
+    runs = {
+        "triton": run_training("kernels-triton", cfg, common, out, 1),
+        "torch": run_training("kernels-torch", cfg, common, out, 1, {"RATTENTION_KERNELS": "torch"}),
+    }
+    rec = {"runs": runs}
+    if all("losses" in r for r in runs.values()):
+        a, b = runs["triton"]["losses"], runs["torch"]["losses"]
+        steps = sorted(set(a) & set(b))
+        rec["max_abs_loss_diff"] = max(abs(a[s] - b[s]) for s in steps)
+        rec["final_loss"] = {"triton": a[steps[-1]], "torch": b[steps[-1]]}
+        rec["tokens_per_s"] = {k: r["results"][M.TRAIN_THROUGHPUT] for k, r in runs.items()}
+    return rec
+
+
+def part_ddp(args, out: Path) -> dict:
+    cfg = "configs/gpu-125m-ddp.yaml"
+    rec: dict = {"runs": {}}
+    for kind in args.kinds.split(","):
+        for nproc in (1, 2):
+            # the same global batch: 1 GPU accumulates two micro-batches where 2 GPUs take one each
+            ov = [f"data.path={args.data}", f"model.kind={kind}", f"train.steps={args.ddp_steps}",
+                  f"train.grad_accum={2 // nproc}", f"data.batch_size={args.batch}"]
+            rec["runs"][f"{kind}-{nproc}gpu"] = run_training(f"ddp-{kind}-{nproc}gpu", cfg, ov, out, nproc)
+        one, two = rec["runs"][f"{kind}-1gpu"], rec["runs"][f"{kind}-2gpu"]
+        if "results" in one and "results" in two:
+            t1, t2 = one["results"][M.TRAIN_THROUGHPUT], two["results"][M.TRAIN_THROUGHPUT]
+            l1, l2 = one["losses"][max(one["losses"])], two["losses"][max(two["losses"])]
+            rec[kind] = {"tokens_per_s_1gpu": t1, "tokens_per_s_2gpu": t2, "speedup": t2 / t1,
+                         "scaling_efficiency": t2 / (2 * t1), "final_loss_1gpu": l1, "final_loss_2gpu": l2}
+    return rec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="data/stdlib-32k")
+    ap.add_argument("--parts", default="kernels,ddp")
+    ap.add_argument("--kinds", default="rattention,full")
+    ap.add_argument("--kernel-steps", type=int, default=40)
+    ap.add_argument("--ddp-steps", type=int, default=40)
+    ap.add_argument("--batch", type=int, default=2, help="sequences per micro-batch per GPU")
+    ap.add_argument("--out", default="benchmarks/results/gpu-train")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_gpu_train: needs a CUDA GPU")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"benchmark": "gpu training", "provenance": provenance(), "gpus": torch.cuda.device_count(),
+              "args": vars(args)}
+    parts = args.parts.split(",")
+    if "kernels" in parts:
+        record["kernels"] = part_kernels(args, out)
+    if "ddp" in parts and torch.cuda.device_count() >= 2:
+        record["ddp"] = part_ddp(args, out)
+    (out / "gpu-train.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    print("\n| part | what | value |\n|---|---|---|")
+    k = record.get("kernels", {})
+    if "max_abs_loss_diff" in k:
+        print(f"| kernels | final loss triton / torch | {k['final_loss']['triton']:.4f} / "
+              f"{k['final_loss']['torch']:.4f} |")
+        print(f"| kernels | max abs loss diff over logged steps | {k['max_abs_loss_diff']:.4f} |")
+        print(f"| kernels | tokens/s triton / torch | {k['tokens_per_s']['triton']:,.0f} / "
+              f"{k['tokens_per_s']['torch']:,.0f} |")
+    for kind, r in record.get("ddp", {}).items():
+        if kind == "runs":
+            continue
+        t1, t2 = r["tokens_per_s_1gpu"], r["tokens_per_s_2gpu"]
+        print(f"| ddp {kind} | tokens/s 1 GPU / 2 GPUs | {t1:,.0f} / {t2:,.0f} |")
+        print(f"| ddp {kind} | speedup (efficiency) | {r['speedup']:.2f}x ({r['scaling_efficiency']:.0%}) |")
+        print(f"| ddp {kind} | final loss 1 GPU / 2 GPUs | {r['final_loss_1gpu']:.4f} / {r['final_loss_2gpu']:.4f} |")
+    for part in ("kernels", "ddp"):
+        for name, r in record.get(part, {}).get("runs", {}).items():
+            if "error" in r:
+                print(f"| {part} | {name} FAILED | {r['error']} |")
+
+
+if __name__ == "__main__":
+    main()
