@@ -7,6 +7,10 @@ only once the manifest is written. Shards are written by the driver, not by Ray 
 the output folder is a local path of the machine that runs the job (on a cluster a worker's local
 disk is somewhere else); tokenizing is the work that scales.
 
+On a cluster (``--address`` or ``RAY_ADDRESS``) the actors open the input files by path, so the
+inputs must be on storage every node sees (a shared filesystem, or the same image for ``stdlib``);
+the output folder is written on the driver's machine.
+
 Usable as ``ray job submit -- python -m pipelines.tokenize --out DIR ...``.
 """
 
@@ -392,7 +396,7 @@ def check_existing(out: Path, fingerprint: str, force: bool) -> dict[str, Any] |
     A complete dataset with another fingerprint is an error unless ``force``.
     """
     mpath = out / "manifest.json"
-    if force or not out.exists():
+    if force or not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return None
     if not mpath.exists():
         raise DataError(f"{out}: exists but holds no manifest.json; pass --force to replace it")
@@ -454,19 +458,31 @@ def _load_tokenizer(cfg: PrepareConfig, items: list[dict[str, Any]]) -> Any:
 
 def prepare(cfg: PrepareConfig, log: Any = print) -> dict[str, Any]:
     """Build the dataset ``cfg.out`` (or find it already built) and return its manifest."""
-    t0 = time.perf_counter()
-    if len(cfg.sources) == 1 and cfg.sources[0].startswith("hf:"):
-        return prepare_hf(cfg, log)
     if cfg.tokenizer is None and cfg.vocab_size < 257:
         raise ConfigError(f"vocab_size: must be >= 257 (256 byte tokens + EOS), got {cfg.vocab_size}")
+    if len(cfg.sources) == 1 and cfg.sources[0].startswith("hf:"):
+        return prepare_hf(cfg, log)
     items, described = resolve_sources(cfg)
-    content = {
+    source = {"sources": cfg.sources,
+              "inputs": [{"source": d["source"], "files": len(d["files"])} for d in described]}
+    return _build(cfg, items, described, source, log)
+
+
+def _fingerprint(cfg: PrepareConfig, inputs: Any) -> str:
+    return fingerprint_of({
         "format_version": FORMAT_VERSION,
         "config": cfg.content_fields(),
         "tokenizer_sha256": sha256_file(cfg.tokenizer) if cfg.tokenizer and cfg.tokenizer.is_file() else None,
-        "inputs": described,
-    }
-    fingerprint = fingerprint_of(content)
+        "inputs": inputs,
+    })
+
+
+def _build(
+    cfg: PrepareConfig, items: list[dict[str, Any]], inputs: Any, source: dict[str, Any], log: Any
+) -> dict[str, Any]:
+    """Fingerprint, then (unless up to date) tokenize into a temp folder and publish it."""
+    t0 = time.perf_counter()
+    fingerprint = _fingerprint(cfg, inputs)
     existing = check_existing(cfg.out, fingerprint, cfg.force)
     if existing is not None:
         log(f"{cfg.out}: up to date (fingerprint {fingerprint[:12]}), nothing to do")
@@ -476,12 +492,7 @@ def prepare(cfg: PrepareConfig, log: Any = print) -> dict[str, Any]:
         tok = _load_tokenizer(cfg, items)
         tok.save(str(tmp / "tokenizer.json"))
         manifest = _tokenize_to_shards(cfg, items, tmp, tok)
-        manifest.update(
-            source={"sources": cfg.sources, "inputs": [{"source": d["source"], "files": len(d["files"])}
-                                                       for d in described]},
-            config=cfg.content_fields(),
-            fingerprint=fingerprint,
-        )
+        manifest.update(source=source, config=cfg.content_fields(), fingerprint=fingerprint)
         write_manifest(tmp, manifest)
         publish(tmp, cfg.out)
     finally:
@@ -580,7 +591,11 @@ def _tokenize_to_shards(
 
 
 def prepare_hf(cfg: PrepareConfig, log: Any = print) -> dict[str, Any]:
-    """A Hugging Face ``datasets`` source, ``hf:NAME[:CONFIG][@SPLIT]``, when installed and reachable."""
+    """A Hugging Face ``datasets`` source, ``hf:NAME[:CONFIG][@SPLIT]``, when installed and reachable.
+
+    The rows are spilled to a jsonl file so the same readers and actors handle them; the
+    fingerprint is the dataset's own (``datasets`` fingerprint and row count), not the spill's.
+    """
     spec = cfg.sources[0][3:]
     spec, _, hf_split = spec.partition("@")
     name, _, hf_config = spec.partition(":")
@@ -596,17 +611,21 @@ def prepare_hf(cfg: PrepareConfig, log: Any = print) -> dict[str, Any]:
         raise DataError(f"hf:{name}: cannot load ({type(err).__name__}: {str(err).splitlines()[0]})") from None
     if cfg.text_field not in hf.column_names:
         raise DataError(f"hf:{name}: no column {cfg.text_field!r}; columns: {', '.join(hf.column_names)}")
-    # Spill the rows to a jsonl file so the same readers and actors handle them.
-    cache = Path(cfg.out).parent / f".{Path(cfg.out).name}.hf.jsonl"
-    with open(cache, "w") as f:
-        for row in hf:
-            f.write(json.dumps({cfg.text_field: row[cfg.text_field]}) + "\n")
+    inputs = {"hf": cfg.sources[0], "fingerprint": getattr(hf, "_fingerprint", None), "rows": len(hf)}
+    existing = check_existing(cfg.out, _fingerprint(cfg, inputs), cfg.force)
+    if existing is not None:
+        log(f"{cfg.out}: up to date, nothing to do")
+        return existing
+    spill_dir = temp_folder(Path(f"{cfg.out}.hf"))
     try:
-        sub = cfg.model_copy(update={"sources": [str(cache)]})
-        manifest = prepare(sub, log)
+        spill = spill_dir / f"{name.replace('/', '_')}.jsonl"
+        with open(spill, "w") as f:
+            for row in hf:
+                f.write(json.dumps({cfg.text_field: row[cfg.text_field]}) + "\n")
+        items = [{"kind": "jsonl", "path": str(spill), "id": name, "row_group": 0, "row_offset": 0}]
+        return _build(cfg, items, inputs, {"sources": cfg.sources, "rows": len(hf)}, log)
     finally:
-        cache.unlink(missing_ok=True)
-    return manifest
+        shutil.rmtree(spill_dir, ignore_errors=True)
 
 
 def _read_tar_tokens(path: Path) -> Iterator[tuple[str, np.ndarray]]:
