@@ -525,7 +525,8 @@ def _tokenize_to_shards(
     from pipelines.ray_utils import cluster_cpus, init_ray
 
     init_ray(cfg.address, cfg.num_cpus)
-    n_actors = max(1, min(cfg.num_cpus or cluster_cpus(), len(items)))
+    # never more actors than the cluster has CPUs: a pool waiting for actors that cannot start would hang
+    n_actors = max(1, min(cfg.num_cpus or cluster_cpus(), cluster_cpus(), len(items)))
     ctx = ray.data.DataContext.get_current()
     old_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # deterministic shard content
