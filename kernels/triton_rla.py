@@ -227,7 +227,8 @@ def _rla_bwd_dkv_kernel(
             do = tl.load(DO + b * sdb + h * sdh + t[:, None] * sdt + offs_v[None, :], mask=q_ok[:, None],
                          other=0.0).to(tl.float32)
             qp, qn = _phi(q, q_ok, PHI)
-            at = tl.where(causal_t, mm(kp, tl.trans(qp), PREC, False) + mm(kn, tl.trans(qn), PREC, False), 0.0)
+            at = mm(kp, tl.trans(qp), PREC, False) + mm(kn, tl.trans(qn), PREC, False)
+            at = tl.where(causal_t, at, 0.0)
             dv += mm(at, do, PREC, False)
             dat = tl.where(causal_t, mm(v, tl.trans(do), PREC, False), 0.0)
             dkp += mm(dat, qp, PREC, False)
@@ -241,14 +242,16 @@ def _rla_bwd_dkv_kernel(
 
 
 def _sizes(d: int, chunk: int | None, seg_chunks: int | None, block_v: int | None) -> tuple[int, int, int, int]:
-    """(C, m, BV, num_warps): small tiles under the interpreter. On sm_90 with D=128, C=64 needs 245 KB of
-    shared memory in the dK/dV kernel (fp32 tf32 operands), over the 227 KB limit; C=32, BV=64 needs 78 KB."""
+    """(C, m, BV, num_warps): small tiles under the interpreter. On sm_90 with D=128 and fp32 (tf32)
+    operands, C=64 needs 245 KB of shared memory in the dK/dV kernel (limit 227 KB), and ptxas reports
+    no spills for C=16, BV=32, 8 warps in the forward and dq kernels (376 B in dK/dV), against
+    0.7-2.2 KB for C=32, BV=64; measured C=16 faster than C=32 (benchmarks/README.md)."""
     if interpreted():
         c, m, bv, warps = 16, 2, min(32, d), 4
     else:
-        c, m, bv = 32, 16, 64
+        c, m, bv = 16, 32, 32
     c, m, bv = chunk or c, seg_chunks or m, block_v or bv
-    warps = 4 if interpreted() or bv <= 32 else 8
+    warps = 4 if interpreted() else 8
     return c, m, bv, warps
 
 

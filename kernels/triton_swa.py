@@ -176,12 +176,16 @@ def _swa_bwd_dkv_kernel(
 
 
 def _blocks(d: int, kind: str) -> tuple[int, int, int, int]:
-    """(BM, BN, num_warps, num_stages) for a head dim; small tiles under the interpreter."""
+    """(BM, BN, num_warps, num_stages) for a head dim; small tiles under the interpreter. The backward
+    blocks are those ptxas compiles without spills at D=128 on sm_90 (dq: 64x64; dK/dV: 32 queries by
+    128 keys, where 64x64 spilled)."""
     if interpreted():
         return 16, 16, 4, 1
     if kind == "fwd":
         return (128, 64, 8, 3) if d >= 128 else (128, 64, 4, 3)
-    return (64, 64, 8, 2) if d >= 128 else (64, 64, 4, 2)
+    if kind == "dq":
+        return (64, 64, 8, 2) if d >= 128 else (64, 64, 4, 2)
+    return (32, 128, 8, 2) if d >= 128 else (32, 128, 4, 2)
 
 
 def _window_arg(window: int | None, t: int) -> int:
@@ -232,8 +236,6 @@ def swa_bwd(
     hkv = k.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     delta = (o.float() * do.float()).sum(-1).contiguous()
-    bm, bn, warps, stages = _blocks(d, "bwd")
-    bm, bn = block_m or bm, block_n or bn
     w = _window_arg(window, t)
     prec = dot_precision(q.dtype)
     dq = new_output((b, hq, t, d), q.dtype, q.device)
@@ -241,10 +243,14 @@ def swa_bwd(
     dv = new_output((b, hkv, t, d), v.dtype, q.device)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
+    bm, bn, warps, stages = _blocks(d, "dq")
+    bm, bn = block_m or bm, block_n or bn
     _swa_bwd_dq_kernel[(triton.cdiv(t, bm), b * hq)](
         q, k, v, do, lse, delta, dq, *strides, t, hq, hq // hkv, w, scale * LOG2E, scale,
         D=d, BM=bm, BN=bn, PREC=prec, UPCAST=upcast_dots(q.dtype), num_warps=warps, num_stages=stages,
     )
+    bm, bn, warps, stages = _blocks(d, "dkv")
+    bm, bn = block_m or bm, block_n or bn
     _swa_bwd_dkv_kernel[(triton.cdiv(t, bn), b * hkv)](
         q, k, v, do, lse, delta, dk, dv, *strides, t, hkv, hq // hkv, w, scale * LOG2E, scale,
         D=d, BM=bm, BN=bn, PREC=prec, UPCAST=upcast_dots(q.dtype), num_warps=warps, num_stages=stages,
