@@ -343,7 +343,7 @@ def tune_rla(t: int = 8192, window: int = 512) -> None:
     x = make_inputs(TOKENS // t, t)
     q, k, v = x["q_raw"], x["k_raw"], x["v"]
     do = torch.randn(q.shape, device="cuda", dtype=torch.float32)
-    for c, m, bv in ((16, 32, 32), (16, 32, 64), (32, 16, 32), (16, 16, 32), (16, 64, 32)):
+    for c, m, bv in ((16, 32, 64), (16, 32, 128), (16, 16, 64), (16, 64, 64)):
         try:
             o, st = rla_fwd(q, k, v, window, "sm2", c, m, bv)
             f = _bench(lambda c=c, m=m, bv=bv: rla_fwd(q, k, v, window, "sm2", c, m, bv))

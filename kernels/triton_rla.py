@@ -243,13 +243,13 @@ def _rla_bwd_dkv_kernel(
 
 def _sizes(d: int, chunk: int | None, seg_chunks: int | None, block_v: int | None) -> tuple[int, int, int, int]:
     """(C, m, BV, num_warps): small tiles under the interpreter. On sm_90 with D=128 and fp32 (tf32)
-    operands, C=64 needs 245 KB of shared memory in the dK/dV kernel (limit 227 KB), and ptxas reports
-    no spills for C=16, BV=32, 8 warps in the forward and dq kernels (376 B in dK/dV), against
-    0.7-2.2 KB for C=32, BV=64; measured C=16 faster than C=32 (benchmarks/README.md)."""
+    operands, C=64 needs 245 KB of shared memory in the dK/dV kernel (limit 227 KB). Measured on the
+    H200 at T=8192 (benchmarks/README.md), fwd+bwd: C=16, BV=64: 20.8 ms; C=16, BV=32: 30.0 (no spills,
+    but twice the phi recomputation); C=32, BV=64: 32.3 (spills)."""
     if interpreted():
         c, m, bv, warps = 16, 2, min(32, d), 4
     else:
-        c, m, bv = 16, 32, 32
+        c, m, bv = 16, 32, 64
     c, m, bv = chunk or c, seg_chunks or m, block_v or bv
     warps = 4 if interpreted() else 8
     return c, m, bv, warps
