@@ -65,7 +65,7 @@ def swa_flops(b: int, t: int, window: int | None) -> float:
     return 4.0 * b * HQ * D * pairs
 
 
-def rla_flops(b: int, t: int, chunk: int = 32) -> float:
+def rla_flops(b: int, t: int, chunk: int = 16) -> float:
     read = 2 * (2 * D) * D * HQ  # phi(q) S per query
     update = 2 * (2 * D) * D * HKV  # phi(k)^T v per key
     intra = HQ * (chunk / 2) * (2 * 2 * D + 2 * D)  # causal half of the chunk's scores and values
@@ -291,7 +291,7 @@ def run(t_grid: tuple[int, ...], out_json: Path, out_md: Path | None) -> list[di
                                                         "tokens": TOKENS, "T": list(t_grid)},
         "matmul_ceiling_tflops": ceiling, "checks": checks, "rows": rows,
         "notes": "fwd_bwd TFLOP/s count the backward as 2.5x the forward for softmax attention and 2x for RLA; "
-                 "RLA FLOPs are the chunk form's useful work (chunk 32). The composite uses the torch chunked "
+                 "RLA FLOPs are the chunk form's useful work (chunk 16). The composite uses the torch chunked "
                  "RLA (fp32) in place of fla, which is not installed on this box.",
     }
     out_json.parent.mkdir(parents=True, exist_ok=True)
