@@ -151,6 +151,15 @@ def test_mixed_folder_counts_bad_input(ray_local, mixed_folder, tmp_path):
     for sample in wds.WebDataset([str(out / s["file"]) for s in m["splits"]["train"]["shards"]],
                                  shardshuffle=False).decode():
         assert m["eos_id"] not in sample["tokens.npy"].tolist()
+    # --force replaces the dataset with one built from the new config
+    m2 = prepare(make_config(out=out, sources=[str(mixed_folder)], vocab_size=300, val_fraction=0.5,
+                             force=True), log=lambda s: None)
+    assert m2["fingerprint"] != m["fingerprint"] and m2["splits"]["val"]["documents"] > 0
+    assert read_manifest(out)["fingerprint"] == m2["fingerprint"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["manifest.json", "tokenizer.json"] + [s["file"] for sp in m2["splits"].values() for s in sp["shards"]]
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["mixed"]  # no temp or old folders left
 
 
 def test_one_line_errors(ray_local, tmp_path):
