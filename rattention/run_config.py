@@ -101,7 +101,7 @@ class TrackingConfig(_Section):
     uri: str | None = None
     experiment: str = "rattention"
     server_dir: str = ".mlflow"  # the local server's SQLite file and artifacts, when one is started
-    system_metrics: bool = True
+    system_metrics: bool = True  # log system/* metrics (CPU, memory, GPU memory) with the training metrics
 
 
 class RayConfig(_Section):

@@ -279,7 +279,8 @@ def train(
             now = time.perf_counter()
             tps = interval_steps * batch_tokens / max(1e-9, now - interval_t0)
             row = {M.TRAIN_LOSS: interval_loss / interval_steps, M.TRAIN_LR: lr, M.TRAIN_GRAD_NORM: grad_norm,
-                   M.TRAIN_TOKENS: float(tokens), M.TRAIN_TOKENS_PER_S: tps, **sampler.sample()}
+                   M.TRAIN_TOKENS: float(tokens), M.TRAIN_TOKENS_PER_S: tps,
+                   **(sampler.sample() if cfg.tracking.system_metrics else {})}
             for s in sinks:
                 s(step, row)
             if rank == 0 and progress:
