@@ -44,6 +44,7 @@ TEXT_SUFFIXES = (".txt", ".md", ".py")
 ALL_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet")
 STDLIB_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 SPLITS = ("train", "val")
+JSONL_CHUNK = 8 << 20  # bytes of a jsonl file per work item
 
 
 class PrepareConfig(BaseModel):
@@ -132,8 +133,18 @@ def read_item(item: dict[str, Any], text_field: str, parquet_column: str) -> Rea
         else:
             res.skip("empty")
     elif kind == "jsonl":
+        # A byte range [start, end) of the file; a line belongs to the range holding its first byte.
+        start, end = item.get("start", 0), item.get("end", -1)
         with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
+            if start > 0:
+                f.seek(start - 1)
+                f.readline()
+            pos = f.tell()
+            while end < 0 or pos < end:
+                raw = f.readline()
+                if not raw:
+                    break
+                line_at, pos = pos, pos + len(raw)
                 line, bad = decode_bytes(raw)
                 if not line.strip():
                     res.skip("empty")
@@ -149,7 +160,7 @@ def read_item(item: dict[str, Any], text_field: str, parquet_column: str) -> Rea
                 elif not value.strip():
                     res.skip("empty")
                 else:
-                    res.docs.append((f"{doc_id}:{lineno}", value, bad))
+                    res.docs.append((f"{doc_id}@{line_at}", value, bad))
     elif kind == "parquet":
         import pyarrow.parquet as pq
 
@@ -204,6 +215,14 @@ def _files_of(source: str, suffixes: tuple[str, ...]) -> tuple[list[Path], Path]
     return [p], p.parent
 
 
+def work_item(
+    kind: str, path: Path, doc_id: str, row_group: int = 0, row_offset: int = 0, start: int = 0, end: int = -1
+) -> dict[str, Any]:
+    """One unit of actor work: a text file, a jsonl byte range or a parquet row group."""
+    return {"kind": kind, "path": str(path), "id": doc_id, "row_group": row_group, "row_offset": row_offset,
+            "start": start, "end": end}
+
+
 def resolve_sources(cfg: PrepareConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Turn the configured sources into work items and a description (with sizes and mtimes).
 
@@ -241,12 +260,13 @@ def resolve_sources(cfg: PrepareConfig) -> tuple[list[dict[str, Any]], list[dict
                     )
                 offset = 0
                 for rg in range(pf.num_row_groups):
-                    items.append(
-                        {"kind": kind, "path": str(f), "id": doc_id, "row_group": rg, "row_offset": offset}
-                    )
+                    items.append(work_item(kind, f, doc_id, row_group=rg, row_offset=offset))
                     offset += pf.metadata.row_group(rg).num_rows
+            elif kind == "jsonl":  # large files in byte ranges, so several actors share them
+                items.extend(work_item(kind, f, doc_id, start=a, end=min(a + JSONL_CHUNK, st.st_size))
+                             for a in range(0, max(1, st.st_size), JSONL_CHUNK))
             else:
-                items.append({"kind": kind, "path": str(f), "id": doc_id, "row_group": 0, "row_offset": 0})
+                items.append(work_item(kind, f, doc_id))
         described.append(desc)
     return items, described
 
@@ -276,7 +296,7 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int, eos_token: str = EOS_
 def _sample_texts(items: list[dict[str, Any]], cfg: PrepareConfig) -> Iterator[str]:
     """Up to ``tokenizer_sample_mb`` of text, from work items spread evenly over the corpus."""
     budget = int(cfg.tokenizer_sample_mb * 1e6)
-    total = sum(Path(it["path"]).stat().st_size for it in items)
+    total = sum(it["end"] - it["start"] if it["end"] >= 0 else Path(it["path"]).stat().st_size for it in items)
     stride = max(1, -(-total // budget))  # every stride-th item when the corpus exceeds the budget
     used = 0
     for it in items[::stride]:
@@ -623,7 +643,9 @@ def prepare_hf(cfg: PrepareConfig, log: Any = print) -> dict[str, Any]:
         with open(spill, "w") as f:
             for row in hf:
                 f.write(json.dumps({cfg.text_field: row[cfg.text_field]}) + "\n")
-        items = [{"kind": "jsonl", "path": str(spill), "id": name, "row_group": 0, "row_offset": 0}]
+        size = spill.stat().st_size
+        items = [work_item("jsonl", spill, name, start=a, end=min(a + JSONL_CHUNK, size))
+                 for a in range(0, max(1, size), JSONL_CHUNK)]
         return _build(cfg, items, inputs, {"sources": cfg.sources, "rows": len(hf)}, log)
     finally:
         shutil.rmtree(spill_dir, ignore_errors=True)

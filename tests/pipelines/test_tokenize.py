@@ -20,9 +20,11 @@ from pipelines.tokenize import (
     doc_key,
     make_config,
     prepare,
+    read_item,
     resolve_sources,
     split_of,
     stdlib_files,
+    work_item,
 )
 from rattention.data import read_manifest, sha256_file
 from rattention.errors import ConfigError, DataError
@@ -208,3 +210,21 @@ def test_cli_error_is_one_line(tmp_path):
     )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: no such file or folder"]
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 30, 1000])
+def test_jsonl_byte_ranges_partition_the_lines(tmp_path, chunk):
+    """Any chunking of a jsonl file reads every line exactly once (a line goes to the range of its first byte)."""
+    lines = [json.dumps({"text": "x" * n}) if n else "" for n in (3, 0, 17, 1, 40, 2, 0, 9)] + ["{bad"]
+    f = tmp_path / "r.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    size = f.stat().st_size
+    whole = read_item(work_item("jsonl", f, "r.jsonl"), "text", "text")
+    parts = [read_item(work_item("jsonl", f, "r.jsonl", start=a, end=min(a + chunk, size)), "text", "text")
+             for a in range(0, size, chunk)]
+    assert [d for p in parts for d in p.docs] == whole.docs and len(whole.docs) == 6
+    skipped: dict[str, int] = {}
+    for p in parts:
+        for k, v in p.skipped.items():
+            skipped[k] = skipped.get(k, 0) + v
+    assert skipped == whole.skipped == {"empty": 2, "bad_json": 1}
