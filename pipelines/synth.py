@@ -189,3 +189,45 @@ def synth(cfg: SynthConfig, log: Any = print) -> dict[str, Any]:
     log(f"synthesised {cfg.out}: {cfg.samples} {cfg.kind} samples of {cfg.seq_len} tokens, "
         f"{len(split['shards'])} shards, {secs:.1f} s")
     return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pipelines.synth KIND --out DIR ...`` (a ``ray job submit`` entrypoint)."""
+    import argparse
+    import sys
+
+    import yaml
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("kind", choices=sorted(TASKS))
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--samples", type=int, default=1000)
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--vocab-size", type=int)
+    ap.add_argument("--like")
+    ap.add_argument("--haystack", default="noise")
+    ap.add_argument("-p", "--param", action="append", default=[], help="KEY=VALUE (YAML value)")
+    ap.add_argument("--num-cpus", type=int)
+    ap.add_argument("--address")
+    ap.add_argument("--force", action="store_true")
+    a = ap.parse_args(argv)
+    try:
+        params = {}
+        for item in a.param:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ConfigError(f"--param {item!r}: expected KEY=VALUE")
+            params[key] = yaml.safe_load(value)
+        cfg = make_config(kind=a.kind, out=a.out, samples=a.samples, seq_len=a.seq_len, seed=a.seed,
+                          split=a.split, vocab_size=a.vocab_size, like=a.like, haystack=a.haystack,
+                          params=params, num_cpus=a.num_cpus, address=a.address, force=a.force)
+        synth(cfg)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -669,6 +669,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--tokenizer")
+    ap.add_argument("--tokenizer-sample-mb", type=float, default=16.0)
+    ap.add_argument("--text-field", default="text")
+    ap.add_argument("--parquet-column", default="text")
     ap.add_argument("--val-fraction", type=float, default=0.05)
     ap.add_argument("--shard-tokens", type=int, default=1_000_000)
     ap.add_argument("--max-files", type=int)
@@ -679,6 +682,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = make_config(
             out=a.out, sources=a.sources, vocab_size=a.vocab_size, tokenizer=a.tokenizer,
+            tokenizer_sample_mb=a.tokenizer_sample_mb, text_field=a.text_field, parquet_column=a.parquet_column,
             val_fraction=a.val_fraction, shard_tokens=a.shard_tokens, max_files=a.max_files,
             num_cpus=a.num_cpus, address=a.address, force=a.force,
         )
