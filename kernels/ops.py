@@ -7,6 +7,7 @@ On CUDA with Triton these dispatch to the Triton kernels; elsewhere they run the
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -15,8 +16,10 @@ from kernels.torch_ops import rla_chunked, swa_blockwise
 
 
 def use_triton(x: torch.Tensor) -> bool:
-    """Whether the Triton kernels serve this tensor (CUDA device and Triton importable)."""
-    if not x.is_cuda:
+    """Whether the Triton kernels serve this tensor: a CUDA tensor, Triton importable, and the
+    environment variable ``RATTENTION_KERNELS`` not set to ``torch`` (which forces the torch path,
+    e.g. to compare training runs)."""
+    if not x.is_cuda or os.environ.get("RATTENTION_KERNELS", "auto") == "torch":
         return False
     try:
         import triton  # noqa: F401
