@@ -93,16 +93,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def fit(cfg: RunConfig, config_path: str | Path | None = None, run_dir: str | Path | None = None,
-        faults: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run ``cfg`` on Ray Train with MLflow tracking; return the results (raises on FAILED/KILLED)."""
+        faults: dict[str, Any] | None = None, extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``cfg`` on Ray Train with MLflow tracking; return the results (raises on FAILED/KILLED).
+
+    ``extra_tags`` go on the MLflow run, e.g. ``mlflow.parentRunId`` for a trial of a sweep.
+    """
     from pipelines.tracking import tracking_uri
 
     with tracking_uri(cfg.tracking.uri, cfg.tracking.server_dir) as uri:
-        return _fit(cfg, uri, config_path, run_dir, faults or {})
+        return _fit(cfg, uri, config_path, run_dir, faults or {}, extra_tags or {})
 
 
 def _fit(cfg: RunConfig, uri: str, config_path: str | Path | None, run_dir: str | Path | None,
-         faults: dict[str, Any]) -> dict[str, Any]:
+         faults: dict[str, Any], extra_tags: dict[str, str]) -> dict[str, Any]:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -113,7 +116,7 @@ def _fit(cfg: RunConfig, uri: str, config_path: str | Path | None, run_dir: str 
 
     name = default_run_name(cfg)
     rd = RunDir(Path(run_dir or Path(cfg.train.out_dir) / name).resolve())
-    tags = {**run_tags(cfg), M.TAG_SOURCE: "ray", M.TAG_RUN_DIR: str(rd.path)}
+    tags = {**run_tags(cfg), M.TAG_SOURCE: "ray", M.TAG_RUN_DIR: str(rd.path), **extra_tags}
     rd.create(cfg, tags)
     tags[M.TAG_RUN_ID] = rd.meta()["run_id"]
     c = tracking.client(uri)

@@ -159,11 +159,15 @@ def _print_results(results: dict) -> None:
 
 
 @app.command()
-def demo() -> None:
-    """Run the largest real job that exists on the embedded default (see README)."""
-    from rattention.demo import run_demo
+def demo(
+    steps: int = typer.Option(120, help="Training steps per model."),
+    window: int = typer.Option(32, help="Window of the swa and rattention models."),
+    workdir: str = typer.Option(".rattention/demo", help="Folder for the dataset, runs and MLflow."),
+) -> None:
+    """The whole pipeline on the stdlib corpus: tokenize, train full/SWA/RAttention on Ray, evaluate, MLflow."""
+    from pipelines.demo import run_demo
 
-    run_demo()
+    run_demo(workdir, steps=steps, window=window)
 
 
 def main() -> None:
