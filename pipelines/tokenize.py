@@ -570,7 +570,11 @@ def _tokenize_to_shards(
         writers = {s: SplitWriter(tmp, s, cfg.shard_tokens) for s in SPLITS}
         skipped: dict[str, int] = {}
         replaced = replaced_docs = 0
+        t_start, t_first, first_tokens = time.perf_counter(), None, 0
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            if t_first is None:  # actors are up: what follows is the pool's steady state
+                t_first = time.perf_counter()
+                first_tokens = sum(len(r) for r in batch["tokens"]) // dtype.itemsize
             for key, split, raw, rep, skip in zip(
                 batch["key"], batch["split"], batch["tokens"], batch["replaced"], batch["skipped"], strict=True
             ):
@@ -581,6 +585,7 @@ def _tokenize_to_shards(
                 writers[str(split)].write(str(key), {"tokens": arr}, len(arr))
                 replaced += int(rep)
                 replaced_docs += int(rep > 0)
+        t_end = time.perf_counter()
     finally:
         ctx.execution_options.preserve_order = old_order
     splits = {s: w.finish() for s, w in writers.items()}
@@ -607,6 +612,12 @@ def _tokenize_to_shards(
             "skipped": skipped,
             "replaced_bytes": replaced,
             "documents_with_replaced_bytes": replaced_docs,
+        },
+        "timings": {  # seconds of the Ray Data stage: until the first batch (actor start-up), and in all
+            "actors": n_actors,
+            "first_batch_seconds": round((t_first or t_end) - t_start, 3),
+            "first_batch_tokens": first_tokens,
+            "ray_data_seconds": round(t_end - t_start, 3),
         },
     }
 
