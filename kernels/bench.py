@@ -264,7 +264,7 @@ def one_length(t: int, flex, has_fla: bool, ceiling: float, rows: list[dict], ch
               flush=True)
 
 
-def run(t_grid: tuple[int, ...], out_json: Path, out_md: Path | None) -> list[dict]:
+def run(t_grid: tuple[int, ...], out_json: Path, out_md: Path | None, tuned: dict | None = None) -> list[dict]:
     torch.manual_seed(0)
     import triton
 
@@ -289,10 +289,10 @@ def run(t_grid: tuple[int, ...], out_json: Path, out_md: Path | None) -> list[di
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m kernels.bench", "shapes": {"dtype": "bfloat16", "Hq": HQ, "Hkv": HKV, "D": D,
                                                         "tokens": TOKENS, "T": list(t_grid)},
-        "matmul_ceiling_tflops": ceiling, "checks": checks, "rows": rows,
+        "matmul_ceiling_tflops": ceiling, "checks": checks, "rows": rows, "tune": tuned,
         "notes": "fwd_bwd TFLOP/s count the backward as 2.5x the forward for softmax attention and 2x for RLA; "
-                 "RLA FLOPs are the chunk form's useful work (chunk 16). The composite uses the torch chunked "
-                 "RLA (fp32) in place of fla, which is not installed on this box.",
+                 "RLA FLOPs are the chunk form's useful work (chunk 16, as in earlier records). The composite "
+                 "uses the torch chunked RLA (fp32) in place of fla, which is not installed on this box.",
     }
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(record, indent=1))
@@ -336,22 +336,80 @@ def markdown(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def tune_rla(t: int = 8192, window: int = 512) -> None:
-    """Time our RLA forward+backward over (chunk, block_v) at one length; prints one line per variant."""
-    from kernels.triton_rla import rla_bwd, rla_fwd
+RLA_VARIANTS = (  # overrides of kernels.triton_rla.GPU_CFG; the first is the default
+    {},
+    {"out_bv": 128},
+    {"grad_bm": 64},
+    {"out_warps": 4, "grad_warps": 4},
+    {"out_stages": 3, "grad_stages": 3},
+    {"grad_bv": 64},
+    {"C": 32, "out_bm": 32, "m": 16},
+)
+SWA_VARIANTS = (  # overrides of kernels.triton_swa.GPU_BLOCKS; the first is the default
+    {},
+    {"dq": (64, 64, 8, 3), "dkv": (32, 128, 8, 3)},
+    {"dkv": (64, 128, 8, 2)},
+    {"dq": (128, 32, 8, 2)},
+)
+
+
+def tune(t: int = 8192, window: int = 512) -> dict:
+    """Time RLA and SWA tile variants (fwd+bwd through the ops) at one length, each RLA variant checked
+    against the fp32 torch path first; apply the fastest passing variant of each and return the log."""
+    from kernels import triton_rla, triton_swa
 
     x = make_inputs(TOKENS // t, t)
-    q, k, v = x["q_raw"], x["k_raw"], x["v"]
-    do = torch.randn(q.shape, device="cuda", dtype=torch.float32)
-    for c, m, bv in ((16, 32, 64), (16, 32, 128), (16, 16, 64), (16, 64, 64)):
+    q, k, v, qr, kr = (x[n] for n in ("q", "k", "v", "q_raw", "k_raw"))
+    log: dict = {"T": t, "window": window, "rla": [], "swa": []}
+    do = torch.randn(q.shape, device=q.device, dtype=torch.float32)
+    ref_in = [z.detach().float().requires_grad_() for z in (qr, kr, v)]
+    ref = rla_chunked(*ref_in, window, "sm2", RLA_CHUNK)
+    ref_g = [ref.detach()] + list(torch.autograd.grad(ref, ref_in, do))
+    del ref, ref_in
+    base_rla = dict(triton_rla.GPU_CFG)
+    best = (float("inf"), {})
+    for var in RLA_VARIANTS:
+        triton_rla.GPU_CFG.clear()
+        triton_rla.GPU_CFG.update(base_rla, **var)
+        row = {"cfg": var}
         try:
-            o, st = rla_fwd(q, k, v, window, "sm2", c, m, bv)
-            f = _bench(lambda c=c, m=m, bv=bv: rla_fwd(q, k, v, window, "sm2", c, m, bv))
-            fb = _bench(lambda c=c, m=m, bv=bv: rla_bwd(do, q, k, v, rla_fwd(q, k, v, window, "sm2", c, m, bv)[1],
-                                                       window, "sm2", c, m, bv))
-            print(f"tune rla T={t} C={c} m={m} BV={bv}: fwd {f:.2f} ms, fwd+bwd {fb:.2f} ms", flush=True)
+            out = rla_triton(qr, kr, v, window)
+            g = [out.detach()] + list(torch.autograd.grad(out, [qr, kr, v], do))
+            row["err"] = max(_rel(a, b_) for a, b_ in zip(g, ref_g, strict=True))
+            del out, g
+            f, fb = fwd_bwd_timer(lambda: rla_triton(qr, kr, v, window), [qr, kr, v])
+            row["fwd_ms"], row["fwd_bwd_ms"] = _bench(f), _bench(fb)
+            if row["err"] < TOL_BF16 and row["fwd_bwd_ms"] < best[0]:
+                best = (row["fwd_bwd_ms"], var)
         except Exception as e:
-            print(f"tune rla C={c} m={m} BV={bv}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+        log["rla"].append(row)
+        print(f"tune rla {var}: {row}", flush=True)
+    triton_rla.GPU_CFG.clear()
+    triton_rla.GPU_CFG.update(base_rla, **best[1])
+    log["rla_best"] = best[1]
+    del ref_g
+    base_swa = dict(triton_swa.GPU_BLOCKS)
+    best = (float("inf"), {})
+    for var in SWA_VARIANTS:
+        triton_swa.GPU_BLOCKS.clear()
+        triton_swa.GPU_BLOCKS.update(base_swa, **var)
+        row = {"cfg": {kk: list(vv) for kk, vv in var.items()}}
+        try:
+            f, fb = fwd_bwd_timer(lambda: attention_triton(q, k, v, window), [q, k, v])
+            row["fwd_ms"], row["fwd_bwd_ms"] = _bench(f), _bench(fb)
+            if row["fwd_bwd_ms"] < best[0]:
+                best = (row["fwd_bwd_ms"], var)
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+        log["swa"].append(row)
+        print(f"tune swa {var}: {row}", flush=True)
+    triton_swa.GPU_BLOCKS.clear()
+    triton_swa.GPU_BLOCKS.update(base_swa, **best[1])
+    log["swa_best"] = {kk: list(vv) for kk, vv in best[1].items()}
+    print(f"tune: applied rla {log['rla_best']}, swa {log['swa_best']}", flush=True)
+    torch.cuda.empty_cache()
+    return log
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -359,14 +417,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--T", type=int, nargs="*", default=list(T_GRID), help="sequence lengths (B = 65536 / T)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/kernels-h200.json"))
     p.add_argument("--md", type=Path, default=None, help="also write the markdown table here")
-    p.add_argument("--tune-rla", action="store_true", help="only time RLA chunk/block variants")
+    p.add_argument("--tune", action="store_true",
+                   help="first time RLA/SWA tile variants at T=8192 and apply the fastest (checked) ones")
+    p.add_argument("--tune-only", action="store_true", help="only the tuning pass")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("kernels.bench: needs a CUDA GPU (the CPU benchmark is benchmarks/bench_cpu.py)")
-    if a.tune_rla:
-        tune_rla()
-        return
-    run(tuple(a.T), a.out, a.md)
+    tuned = None
+    if a.tune or a.tune_only:
+        torch.manual_seed(1)
+        tuned = tune()
+        if a.tune_only:
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            a.out.write_text(json.dumps({"tune": tuned}, indent=1))
+            return
+    run(tuple(a.T), a.out, a.md, tuned)
 
 
 if __name__ == "__main__":

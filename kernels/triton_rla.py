@@ -1,20 +1,28 @@
-"""Residual linear attention in Triton, chunked, forward and backward (the math: reference.py).
+"""Residual linear attention in Triton, chunk-parallel, forward and backward (the math: reference.py).
 
-With shift s = w + 1, query chunk c = [cC, cC + C) reads the state of keys < cC - s and, inside the
+With shift s = w + 1, query chunk c = [cC, cC + C) reads the state S_c of keys < cC - s and, inside the
 chunk, key chunk c = [cC - s, cC - s + C) under the mask "key row <= query row": the window shift is
 index arithmetic on the key pointers, with no padded copies. phi (sm2 or relu2) is computed on chip
-from q and k tiles and never written to memory; phi's two halves [f(x), f(-x)] are kept as two
-(rows, D) tiles, and so is the state (2D, D) as two (D, BV) tiles per value block of width BV.
+from q and k tiles and never written to memory; phi's two halves [f(x), f(-x)] are handled as two
+(rows, D) tiles, and a state (2D, D) as its two (D, D) halves.
 
-Flexible state saving: the chunks are grouped into segments of m chunks. The forward stores the
-fp32 state only at segment starts, (B, Hkv, NS, 2D, D); every kernel then walks one segment
-sequentially, recomputing the states inside it, with segments, heads and value blocks in parallel.
-The segment-start states are a prefix sum (torch.cumsum) of per-segment sums from a parallel kernel;
-the backward gets its reverse states (sum over later queries of phi(q)^T do) the same way.
+Chunk-parallel: one kernel writes every chunk's state contribution phi(k_c)^T v_c (fp32) into slot
+c + 1 of a (B, Hkv, NC, 2D, D) buffer, an in-place prefix sum over slots turns it into the states
+S_c, and then every (chunk, head) program is independent: no program walks the sequence, and phi of
+a tile is computed once per program instead of once per value block of a sequential scan. The
+softmax statistics (row max/min and 1/sum) of a tile are computed once; feature blocks of phi are
+recomputed from them where a product contracts over features (K-loop), so states stream through
+shared memory in (BK, BV) tiles.
 
-Gradients: dphi_q = do S^T + mask(do v^T) phi(k); dv = phi(k) dH + mask(phi(k) phi(q)^T) do;
-dphi_k = v dH^T + mask(v do^T) phi(q), with dH the reverse state. The feature-map backward is
-linear in dphi, so value blocks add their partial dq/dk with atomics into an fp32 buffer.
+Flexible state saving: the forward returns (and autograd saves) the fp32 state only at segment
+starts, every m chunks, (B, Hkv, NS, 2D, D). The backward recomputes the chunk states inside each
+segment from them (segment start + prefix sum of the chunk contributions within the segment).
+
+Gradients (dH_c = sum over query chunks c' > c of the group's phi(q)^T do, a reverse prefix sum):
+  dphi_q = do S^T + mask(do v^T) phi(k)                      (_rla_grad_kernel, rows = queries)
+  dphi_k = v dH^T + sum_g mask^T(v do_g^T) phi(q_g)          (_rla_grad_kernel, rows = keys)
+  dv     = phi(k) dH + sum_g mask^T(phi(k) phi(q_g)^T) do_g  (_rla_out_kernel, reversed)
+and the feature-map backward row by row. Each gradient row is owned by one program: no atomics.
 """
 
 from __future__ import annotations
@@ -29,233 +37,299 @@ PHI_IDS = {"sm2": 0, "relu2": 1}
 
 
 @triton.jit
-def _phi(x, valid, PHI: tl.constexpr):
-    """[f(x), f(-x)] of fp32 rows x (R, D) as two tiles; rows not ``valid`` give 0."""
+def _stats(x, PHI: tl.constexpr):
+    """Row statistics of fp32 rows x (R, D) for phi: (max, 1/sum exp(x - max), min, 1/sum exp(min - x))."""
     if PHI == 0:
-        ep = tl.exp(x - tl.max(x, 1)[:, None])
-        pos = ep / tl.sum(ep, 1)[:, None]
-        en = tl.exp(tl.min(x, 1)[:, None] - x)
-        neg = en / tl.sum(en, 1)[:, None]
+        mp = tl.max(x, 1)
+        ip = 1.0 / tl.sum(tl.exp(x - mp[:, None]), 1)
+        mn = tl.min(x, 1)
+        inn = 1.0 / tl.sum(tl.exp(mn[:, None] - x), 1)
     else:
-        pos = tl.maximum(x, 0.0)
-        neg = tl.maximum(-x, 0.0)
-    pos = tl.where(valid[:, None], pos, 0.0)
-    neg = tl.where(valid[:, None], neg, 0.0)
-    return pos, neg
+        mp = tl.max(x, 1) * 0.0
+        ip = mp
+        mn = mp
+        inn = mp
+    return mp, ip, mn, inn
 
 
 @triton.jit
-def _phi_bwd(x, pos, neg, dpos, dneg, PHI: tl.constexpr):
-    """dx from the gradients of the two halves (linear in dpos, dneg)."""
+def _stats_blocked(ptr, ok, R: tl.constexpr, D: tl.constexpr, BK: tl.constexpr, PHI: tl.constexpr):
+    """_stats of the rows at ptr (R, 1) + column, read in (R, BK) column blocks (online max and sum)."""
+    offs_k = tl.arange(0, BK)
+    mp = tl.full([R], float("-inf"), tl.float32)
+    sp = tl.zeros([R], tl.float32)
+    mn = tl.full([R], float("inf"), tl.float32)
+    sn = tl.zeros([R], tl.float32)
     if PHI == 0:
-        dx = pos * (dpos - tl.sum(dpos * pos, 1)[:, None]) - neg * (dneg - tl.sum(dneg * neg, 1)[:, None])
-    else:
-        dx = tl.where(x > 0, dpos, 0.0) - tl.where(x < 0, dneg, 0.0)
-    return dx
+        for kb in range(0, D, BK):
+            x = tl.load(ptr + (kb + offs_k)[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+            mp_new = tl.maximum(mp, tl.max(x, 1))
+            sp = sp * tl.exp(mp - mp_new) + tl.sum(tl.exp(x - mp_new[:, None]), 1)
+            mp = mp_new
+            mn_new = tl.minimum(mn, tl.min(x, 1))
+            sn = sn * tl.exp(mn_new - mn) + tl.sum(tl.exp(mn_new[:, None] - x), 1)
+            mn = mn_new
+    sp = tl.where(sp > 0, sp, 1.0)  # relu2 (no statistics): avoid 1/0
+    sn = tl.where(sn > 0, sn, 1.0)
+    return mp, 1.0 / sp, mn, 1.0 / sn
 
 
 @triton.jit
-def _seg_sum_kernel(
-    X, Y, OUT, sxb, sxh, sxt, syb, syh, syt,
-    T, HKV, G, OFF, NC, M,
-    D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PHI: tl.constexpr, PREC: tl.constexpr,
+def _half(x, m, iz, valid, NEG: tl.constexpr, PHI: tl.constexpr):
+    """One half of phi on columns x (R, BK) of rows with statistics (m, iz): softmax(+-x) or relu(+-x)."""
+    if PHI == 0:
+        y = tl.exp(m[:, None] - x) * iz[:, None] if NEG else tl.exp(x - m[:, None]) * iz[:, None]
+    else:
+        y = tl.maximum(-x, 0.0) if NEG else tl.maximum(x, 0.0)
+    return tl.where(valid[:, None], y, 0.0)
+
+
+@triton.jit
+def _half_bwd(x, y, dy, NEG: tl.constexpr, PHI: tl.constexpr):
+    """dx contribution of one half y = f(+-x) with upstream dy (rows)."""
+    if PHI == 0:
+        g = y * (dy - tl.sum(dy * y, 1)[:, None])
+    else:
+        g = tl.where(x < 0, dy, 0.0) if NEG else tl.where(x > 0, dy, 0.0)
+    if NEG:
+        g = -g
+    return g
+
+
+@triton.jit
+def _chunk_sum_kernel(
+    X, Y, INIT, OUT, sxb, sxh, sxt, syb, syh, syt,
+    T, HKV, G, OFF, NSLOT, MRESET,
+    D: tl.constexpr, C: tl.constexpr, CB: tl.constexpr, BV: tl.constexpr, PHI: tl.constexpr,
+    PREC: tl.constexpr, REV: tl.constexpr, HAS_INIT: tl.constexpr,
 ):
-    """OUT[b, hk, seg] = sum over the segment's chunks c and the group's heads of phi(X_c)^T Y_c, where
-    chunk c holds rows [cC + OFF, cC + OFF + C) (OFF = -s for keys, 0 for queries)."""
-    seg = tl.program_id(0)
+    """Slot p of OUT[b, hk] (2D, BV block) gets the chunk contribution sum_g phi(X_c)^T Y_c with chunk
+    c = p - 1 (REV: c = NSLOT - p), rows [cC + OFF, cC + OFF + C) in blocks of CB; slot p = 0 mod MRESET
+    instead gets INIT[p / MRESET] (zeros without INIT; REV: only slot 0). A prefix sum over slots then
+    gives the states."""
+    p = tl.program_id(0)
     pid_bh = tl.program_id(1)
     v0 = tl.program_id(2) * BV
     b = pid_bh // HKV
     hk = pid_bh % HKV
-    offs_c = tl.arange(0, C)
+    offs_c = tl.arange(0, CB)
     offs_d = tl.arange(0, D)
     offs_v = v0 + tl.arange(0, BV)
     acc_p = tl.zeros([D, BV], tl.float32)
     acc_n = tl.zeros([D, BV], tl.float32)
-    n_chunks = NC - seg * M
-    if n_chunks > M:
-        n_chunks = M
-    for ci in range(0, n_chunks):
-        rows = (seg * M + ci) * C + OFF + offs_c
-        ok = (rows >= 0) & (rows < T)
+    if REV:
+        c = NSLOT - p
+        reset = p == 0
+    else:
+        c = p - 1
+        reset = (p % MRESET) == 0
+    if reset:
+        if HAS_INIT:
+            src = INIT + (pid_bh * (NSLOT // MRESET) + p // MRESET) * 2 * D * D
+            acc_p += tl.load(src + offs_d[:, None] * D + offs_v[None, :])
+            acc_n += tl.load(src + (D + offs_d)[:, None] * D + offs_v[None, :])
+    else:
         for g in range(0, G):
             h = hk * G + g
-            x = tl.load(X + b * sxb + h * sxh + rows[:, None] * sxt + offs_d[None, :], mask=ok[:, None],
-                        other=0.0).to(tl.float32)
-            y = tl.load(Y + b * syb + h * syh + rows[:, None] * syt + offs_v[None, :], mask=ok[:, None],
-                        other=0.0).to(tl.float32)
-            xp, xn = _phi(x, ok, PHI)
-            acc_p += mm(tl.trans(xp), y, PREC, False)
-            acc_n += mm(tl.trans(xn), y, PREC, False)
-    base = OUT + (pid_bh * tl.num_programs(0) + seg) * 2 * D * D
+            for rb in range(0, C, CB):
+                rows = c * C + OFF + rb + offs_c
+                ok = (rows >= 0) & (rows < T)
+                x = tl.load(X + b * sxb + h * sxh + rows[:, None] * sxt + offs_d[None, :], mask=ok[:, None],
+                            other=0.0).to(tl.float32)
+                y = tl.load(Y + b * syb + h * syh + rows[:, None] * syt + offs_v[None, :], mask=ok[:, None],
+                            other=0.0).to(tl.float32)
+                mp, ip, mn, inn = _stats(x, PHI)
+                acc_p += mm(tl.trans(_half(x, mp, ip, ok, False, PHI)), y, PREC, False)
+                acc_n += mm(tl.trans(_half(x, mn, inn, ok, True, PHI)), y, PREC, False)
+    base = OUT + (pid_bh * NSLOT + p) * 2 * D * D
     tl.store(base + offs_d[:, None] * D + offs_v[None, :], acc_p)
     tl.store(base + (D + offs_d)[:, None] * D + offs_v[None, :], acc_n)
 
 
 @triton.jit
-def _rla_fwd_kernel(
-    Q, K, V, STATES, O,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-    T, H, G, SHIFT, NC, M, NS,
-    D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PHI: tl.constexpr, PREC: tl.constexpr,
+def _rla_out_kernel(
+    A, B, V, ST, OUT,
+    sab, sah, sat, sbb, sbh, sbt, svb, svh, svt, sob, soh, sot,
+    T, HA, HS, GDIV, NG, SHIFT, NSLOT,
+    D: tl.constexpr, C: tl.constexpr, BM: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, PHI: tl.constexpr, PREC: tl.constexpr, REV: tl.constexpr,
 ):
-    seg = tl.program_id(0)
+    """OUT rows (value block) = phi(A) ST + sum_g mask(phi(A) phi(B_g)^T) V_g over one chunk.
+    Forward (REV=0): A = q (queries of chunk c), B = k, V = v (keys of chunk c), ST = S_c, one g.
+    dV (REV=1): A = k (keys of chunk c), B = q_g, V = do_g (queries of chunk c), ST = dH_c, g in group.
+    The chunk's other side is visited in blocks of CB columns, only those the mask can reach."""
+    pid_r = tl.program_id(0)
     pid_bh = tl.program_id(1)
     v0 = tl.program_id(2) * BV
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // G
-    offs_c = tl.arange(0, C)
-    offs_d = tl.arange(0, D)
+    c = pid_r // (C // BM)
+    r0 = (pid_r % (C // BM)) * BM
+    bi = pid_bh // HA
+    ha = pid_bh % HA
+    hs = ha // GDIV
+    offs_r = r0 + tl.arange(0, BM)
+    offs_k = tl.arange(0, BK)
     offs_v = v0 + tl.arange(0, BV)
-    st = STATES + ((b * (H // G) + hk) * NS + seg) * 2 * D * D
-    s_p = tl.load(st + offs_d[:, None] * D + offs_v[None, :])
-    s_n = tl.load(st + (D + offs_d)[:, None] * D + offs_v[None, :])
-    causal = offs_c[None, :] <= offs_c[:, None]
-    n_chunks = NC - seg * M
-    if n_chunks > M:
-        n_chunks = M
-    for ci in range(0, n_chunks):
-        t = (seg * M + ci) * C + offs_c
-        q_ok = t < T
-        j = t - SHIFT
-        k_ok = (j >= 0) & (j < T)
-        q = tl.load(Q + b * sqb + h * sqh + t[:, None] * sqt + offs_d[None, :], mask=q_ok[:, None],
-                    other=0.0).to(tl.float32)
-        k = tl.load(K + b * skb + hk * skh + j[:, None] * skt + offs_d[None, :], mask=k_ok[:, None],
-                    other=0.0).to(tl.float32)
-        v = tl.load(V + b * svb + hk * svh + j[:, None] * svt + offs_v[None, :], mask=k_ok[:, None],
-                    other=0.0).to(tl.float32)
-        qp, qn = _phi(q, q_ok, PHI)
-        kp, kn = _phi(k, k_ok, PHI)
-        a = mm(qp, tl.trans(kp), PREC, False) + mm(qn, tl.trans(kn), PREC, False)
-        a = tl.where(causal, a, 0.0)
-        o = mm(qp, s_p, PREC, False) + mm(qn, s_n, PREC, False) + mm(a, v, PREC, False)
-        tl.store(O + b * sob + h * soh + t[:, None] * sot + offs_v[None, :], o.to(O.dtype.element_ty),
-                 mask=q_ok[:, None])
-        s_p += mm(tl.trans(kp), v, PREC, False)
-        s_n += mm(tl.trans(kn), v, PREC, False)
-
-
-@triton.jit
-def _rla_bwd_dq_kernel(
-    Q, K, V, DO, STATES, DQ,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
-    T, H, G, SHIFT, NC, M, NS,
-    D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PHI: tl.constexpr, PREC: tl.constexpr,
-):
-    seg = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    v0 = tl.program_id(2) * BV
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // G
-    offs_c = tl.arange(0, C)
-    offs_d = tl.arange(0, D)
-    offs_v = v0 + tl.arange(0, BV)
-    st = STATES + ((b * (H // G) + hk) * NS + seg) * 2 * D * D
-    s_p = tl.load(st + offs_d[:, None] * D + offs_v[None, :])
-    s_n = tl.load(st + (D + offs_d)[:, None] * D + offs_v[None, :])
-    causal = offs_c[None, :] <= offs_c[:, None]
-    n_chunks = NC - seg * M
-    if n_chunks > M:
-        n_chunks = M
-    for ci in range(0, n_chunks):
-        t = (seg * M + ci) * C + offs_c
-        q_ok = t < T
-        j = t - SHIFT
-        k_ok = (j >= 0) & (j < T)
-        q = tl.load(Q + b * sqb + h * sqh + t[:, None] * sqt + offs_d[None, :], mask=q_ok[:, None],
-                    other=0.0).to(tl.float32)
-        do = tl.load(DO + b * sdb + h * sdh + t[:, None] * sdt + offs_v[None, :], mask=q_ok[:, None],
-                     other=0.0).to(tl.float32)
-        k = tl.load(K + b * skb + hk * skh + j[:, None] * skt + offs_d[None, :], mask=k_ok[:, None],
-                    other=0.0).to(tl.float32)
-        v = tl.load(V + b * svb + hk * svh + j[:, None] * svt + offs_v[None, :], mask=k_ok[:, None],
-                    other=0.0).to(tl.float32)
-        qp, qn = _phi(q, q_ok, PHI)
-        kp, kn = _phi(k, k_ok, PHI)
-        da = tl.where(causal, mm(do, tl.trans(v), PREC, False), 0.0)
-        dqp = mm(do, tl.trans(s_p), PREC, False) + mm(da, kp, PREC, False)
-        dqn = mm(do, tl.trans(s_n), PREC, False) + mm(da, kn, PREC, False)
-        dq = _phi_bwd(q, qp, qn, dqp, dqn, PHI)
-        tl.atomic_add(DQ + pid_bh * T * D + t[:, None] * D + offs_d[None, :], dq, mask=q_ok[:, None])
-        s_p += mm(tl.trans(kp), v, PREC, False)
-        s_n += mm(tl.trans(kn), v, PREC, False)
-
-
-@triton.jit
-def _rla_bwd_dkv_kernel(
-    Q, K, V, DO, DSTATES, DK, DV,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
-    T, HKV, G, SHIFT, NC, M, NS,
-    D: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PHI: tl.constexpr, PREC: tl.constexpr,
-):
-    seg = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    v0 = tl.program_id(2) * BV
-    b = pid_bh // HKV
-    hk = pid_bh % HKV
-    offs_c = tl.arange(0, C)
-    offs_d = tl.arange(0, D)
-    offs_v = v0 + tl.arange(0, BV)
-    st = DSTATES + (pid_bh * NS + seg) * 2 * D * D
-    dh_p = tl.load(st + offs_d[:, None] * D + offs_v[None, :])
-    dh_n = tl.load(st + (D + offs_d)[:, None] * D + offs_v[None, :])
-    causal_t = offs_c[:, None] <= offs_c[None, :]  # (key row, query row): key row <= query row
-    n_chunks = NC - seg * M
-    if n_chunks > M:
-        n_chunks = M
-    for ci in range(0, n_chunks):
-        c = seg * M + n_chunks - 1 - ci
-        t = c * C + offs_c
-        q_ok = t < T
-        j = t - SHIFT
-        k_ok = (j >= 0) & (j < T)
-        k = tl.load(K + b * skb + hk * skh + j[:, None] * skt + offs_d[None, :], mask=k_ok[:, None],
-                    other=0.0).to(tl.float32)
-        v = tl.load(V + b * svb + hk * svh + j[:, None] * svt + offs_v[None, :], mask=k_ok[:, None],
-                    other=0.0).to(tl.float32)
-        kp, kn = _phi(k, k_ok, PHI)
-        dv = mm(kp, dh_p, PREC, False) + mm(kn, dh_n, PREC, False)
-        dkp = mm(v, tl.trans(dh_p), PREC, False)
-        dkn = mm(v, tl.trans(dh_n), PREC, False)
-        for g in range(0, G):
-            h = hk * G + g
-            q = tl.load(Q + b * sqb + h * sqh + t[:, None] * sqt + offs_d[None, :], mask=q_ok[:, None],
-                        other=0.0).to(tl.float32)
-            do = tl.load(DO + b * sdb + h * sdh + t[:, None] * sdt + offs_v[None, :], mask=q_ok[:, None],
+    if REV:
+        a_rows = c * C - SHIFT + offs_r
+        slot = NSLOT - 1 - c
+        lo = r0 // CB * CB
+        hi = C
+    else:
+        a_rows = c * C + offs_r
+        slot = c
+        lo = 0
+        hi = r0 + BM
+    a_ok = (a_rows >= 0) & (a_rows < T)
+    a_ptr = A + bi * sab + ha * sah + a_rows[:, None] * sat
+    amp, aip, amn, ain = _stats_blocked(a_ptr, a_ok, BM, D, BK, PHI)
+    st = ST + ((bi * HS + hs) * NSLOT + slot) * 2 * D * D
+    acc = tl.zeros([BM, BV], tl.float32)
+    for kb in range(0, D, BK):
+        xs = tl.load(a_ptr + (kb + offs_k)[None, :], mask=a_ok[:, None], other=0.0).to(tl.float32)
+        sp = tl.load(st + (kb + offs_k)[:, None] * D + offs_v[None, :])
+        acc += mm(_half(xs, amp, aip, a_ok, False, PHI), sp, PREC, False)
+        sn = tl.load(st + (D + kb + offs_k)[:, None] * D + offs_v[None, :])
+        acc += mm(_half(xs, amn, ain, a_ok, True, PHI), sn, PREC, False)
+    for g in range(0, NG):
+        hb = hs * NG + g
+        for ib in range(lo, hi, CB):
+            offs_i = ib + tl.arange(0, CB)
+            if REV:
+                b_rows = c * C + offs_i
+                vis = offs_r[:, None] <= offs_i[None, :]
+            else:
+                b_rows = c * C - SHIFT + offs_i
+                vis = offs_i[None, :] <= offs_r[:, None]
+            b_ok = (b_rows >= 0) & (b_rows < T)
+            b_ptr = B + bi * sbb + hb * sbh + b_rows[:, None] * sbt
+            bmp, bip, bmn, bin_ = _stats_blocked(b_ptr, b_ok, CB, D, BK, PHI)
+            a = tl.zeros([BM, CB], tl.float32)
+            for kb in range(0, D, BK):
+                xs = tl.load(a_ptr + (kb + offs_k)[None, :], mask=a_ok[:, None], other=0.0).to(tl.float32)
+                ys = tl.load(b_ptr + (kb + offs_k)[None, :], mask=b_ok[:, None], other=0.0).to(tl.float32)
+                a += mm(_half(xs, amp, aip, a_ok, False, PHI), tl.trans(_half(ys, bmp, bip, b_ok, False, PHI)),
+                        PREC, False)
+                a += mm(_half(xs, amn, ain, a_ok, True, PHI), tl.trans(_half(ys, bmn, bin_, b_ok, True, PHI)),
+                        PREC, False)
+            a = tl.where(vis, a, 0.0)
+            vv = tl.load(V + bi * svb + hb * svh + b_rows[:, None] * svt + offs_v[None, :], mask=b_ok[:, None],
                          other=0.0).to(tl.float32)
-            qp, qn = _phi(q, q_ok, PHI)
-            at = mm(kp, tl.trans(qp), PREC, False) + mm(kn, tl.trans(qn), PREC, False)
-            at = tl.where(causal_t, at, 0.0)
-            dv += mm(at, do, PREC, False)
-            dat = tl.where(causal_t, mm(v, tl.trans(do), PREC, False), 0.0)
-            dkp += mm(dat, qp, PREC, False)
-            dkn += mm(dat, qn, PREC, False)
-            dh_p += mm(tl.trans(qp), do, PREC, False)
-            dh_n += mm(tl.trans(qn), do, PREC, False)
-        dk = _phi_bwd(k, kp, kn, dkp, dkn, PHI)
-        tl.atomic_add(DK + pid_bh * T * D + j[:, None] * D + offs_d[None, :], dk, mask=k_ok[:, None])
-        tl.store(DV + pid_bh * T * D + j[:, None] * D + offs_v[None, :], dv.to(DV.dtype.element_ty),
-                 mask=k_ok[:, None])
+            acc += mm(a, vv, PREC, False)
+    tl.store(OUT + bi * sob + ha * soh + a_rows[:, None] * sot + offs_v[None, :], acc.to(OUT.dtype.element_ty),
+             mask=a_ok[:, None])
+
+
+@triton.jit
+def _rla_grad_kernel(
+    X, XA, Y, Z, ST, OUT,
+    sxb, sxh, sxt, sab, sah, sat, syb, syh, syt, szb, szh, szt, sob, soh, sot,
+    T, HA, HS, GDIV, NG, SHIFT, NSLOT,
+    D: tl.constexpr, C: tl.constexpr, BM: tl.constexpr, CB: tl.constexpr, BV: tl.constexpr,
+    PHI: tl.constexpr, PREC: tl.constexpr, REV: tl.constexpr,
+):
+    """OUT rows = phi'(XA)^T [X ST^T + sum_g mask(X Y_g^T) phi(Z_g)] (the gradient through phi).
+    dq (REV=0): X = do, XA = q (queries of chunk c), Y = v, Z = k (keys of chunk c), ST = S_c.
+    dk (REV=1): X = v, XA = k (keys of chunk c), Y = do_g, Z = q_g (queries of chunk c), ST = dH_c."""
+    pid_r = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    c = pid_r // (C // BM)
+    r0 = (pid_r % (C // BM)) * BM
+    bi = pid_bh // HA
+    ha = pid_bh % HA
+    hs = ha // GDIV
+    offs_r = r0 + tl.arange(0, BM)
+    offs_d = tl.arange(0, D)
+    offs_v = tl.arange(0, BV)
+    if REV:
+        a_rows = c * C - SHIFT + offs_r
+        slot = NSLOT - 1 - c
+        lo = r0 // CB * CB
+        hi = C
+    else:
+        a_rows = c * C + offs_r
+        slot = c
+        lo = 0
+        hi = r0 + BM
+    a_ok = (a_rows >= 0) & (a_rows < T)
+    x_ptr = X + bi * sxb + ha * sxh + a_rows[:, None] * sxt
+    st = ST + ((bi * HS + hs) * NSLOT + slot) * 2 * D * D
+    dp = tl.zeros([BM, D], tl.float32)
+    dn = tl.zeros([BM, D], tl.float32)
+    for vb in range(0, D, BV):
+        xv = tl.load(x_ptr + (vb + offs_v)[None, :], mask=a_ok[:, None], other=0.0).to(tl.float32)
+        sp = tl.load(st + offs_d[:, None] * D + (vb + offs_v)[None, :])
+        dp += mm(xv, tl.trans(sp), PREC, False)
+        sn = tl.load(st + (D + offs_d)[:, None] * D + (vb + offs_v)[None, :])
+        dn += mm(xv, tl.trans(sn), PREC, False)
+    for g in range(0, NG):
+        hb = hs * NG + g
+        for ib in range(lo, hi, CB):
+            offs_i = ib + tl.arange(0, CB)
+            if REV:
+                b_rows = c * C + offs_i
+                vis = offs_r[:, None] <= offs_i[None, :]
+            else:
+                b_rows = c * C - SHIFT + offs_i
+                vis = offs_i[None, :] <= offs_r[:, None]
+            b_ok = (b_rows >= 0) & (b_rows < T)
+            y_ptr = Y + bi * syb + hb * syh + b_rows[:, None] * syt
+            da = tl.zeros([BM, CB], tl.float32)
+            for vb in range(0, D, BV):
+                xv = tl.load(x_ptr + (vb + offs_v)[None, :], mask=a_ok[:, None], other=0.0).to(tl.float32)
+                yv = tl.load(y_ptr + (vb + offs_v)[None, :], mask=b_ok[:, None], other=0.0).to(tl.float32)
+                da += mm(xv, tl.trans(yv), PREC, False)
+            da = tl.where(vis, da, 0.0)
+            z = tl.load(Z + bi * szb + hb * szh + b_rows[:, None] * szt + offs_d[None, :], mask=b_ok[:, None],
+                        other=0.0).to(tl.float32)
+            zmp, zip_, zmn, zin = _stats(z, PHI)
+            dp += mm(da, _half(z, zmp, zip_, b_ok, False, PHI), PREC, False)
+            dn += mm(da, _half(z, zmn, zin, b_ok, True, PHI), PREC, False)
+    xa = tl.load(XA + bi * sab + ha * sah + a_rows[:, None] * sat + offs_d[None, :], mask=a_ok[:, None],
+                 other=0.0).to(tl.float32)
+    amp, aip, amn, ain = _stats(xa, PHI)
+    dx = _half_bwd(xa, _half(xa, amp, aip, a_ok, False, PHI), dp, False, PHI)
+    dx += _half_bwd(xa, _half(xa, amn, ain, a_ok, True, PHI), dn, True, PHI)
+    tl.store(OUT + bi * sob + ha * soh + a_rows[:, None] * sot + offs_d[None, :], dx.to(OUT.dtype.element_ty),
+             mask=a_ok[:, None])
+
+
+# Tile sizes on the GPU (D = 128, sm_90): chunk C and segment m are the algorithm's; the rest are
+# per kernel: "sum" value block of the chunk-sum kernel; "out_*" row block, feature block and value
+# block of the output/dV kernel; "grad_*" row block and value block of the dq/dk kernel; warps and
+# stages. Overridable for tuning (kernels.bench --tune-rla).
+GPU_CFG = {
+    "C": 64, "m": 8,
+    "sum_cb": 32, "sum_bv": 64, "sum_warps": 8,
+    "out_bm": 64, "out_cb": 32, "out_bk": 32, "out_bv": 64, "out_warps": 8, "out_stages": 2,
+    "grad_bm": 32, "grad_cb": 32, "grad_bv": 32, "grad_warps": 8, "grad_stages": 2,
+}
+INTERP_CFG = {
+    "C": 16, "m": 2,
+    "sum_cb": 16, "sum_bv": 64, "sum_warps": 4,
+    "out_bm": 16, "out_cb": 16, "out_bk": 64, "out_bv": 64, "out_warps": 4, "out_stages": 1,
+    "grad_bm": 16, "grad_cb": 16, "grad_bv": 64, "grad_warps": 4, "grad_stages": 1,
+}
+
+
+def _cfg(d: int, chunk: int | None, seg_chunks: int | None) -> dict:
+    cfg = dict(INTERP_CFG if interpreted() else GPU_CFG)
+    cfg["C"] = chunk or cfg["C"]
+    cfg["m"] = seg_chunks or cfg["m"]
+    c = cfg["C"]
+    for key in ("sum_bv", "out_bk", "out_bv", "grad_bv"):
+        cfg[key] = min(cfg[key], d)
+    for key in ("out_bm", "grad_bm", "sum_cb", "out_cb", "grad_cb"):
+        cfg[key] = min(cfg[key], c)
+    return cfg
 
 
 def _sizes(d: int, chunk: int | None, seg_chunks: int | None, block_v: int | None) -> tuple[int, int, int, int]:
-    """(C, m, BV, num_warps): small tiles under the interpreter. On sm_90 with D=128 and fp32 (tf32)
-    operands, C=64 needs 245 KB of shared memory in the dK/dV kernel (limit 227 KB). Measured on the
-    H200 at T=8192 (benchmarks/README.md), fwd+bwd: C=16, BV=64: 20.8 ms; C=16, BV=32: 30.0 (no spills,
-    but twice the phi recomputation); C=32, BV=64: 32.3 (spills)."""
-    if interpreted():
-        c, m, bv, warps = 16, 2, min(32, d), 4
-    else:
-        c, m, bv = 16, 32, 64
-    c, m, bv = chunk or c, seg_chunks or m, block_v or bv
-    warps = 4 if interpreted() else 8
-    return c, m, bv, warps
+    """(C, m, output value block, warps) as used by the launchers (ops.py reads C and m)."""
+    cfg = _cfg(d, chunk, seg_chunks)
+    return cfg["C"], cfg["m"], block_v or cfg["out_bv"], cfg["out_warps"]
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, window: int, phi: str, c: int, bv: int) -> None:
+def _check(q: torch.Tensor, window: int, phi: str, c: int) -> None:
     if window < 0:
         raise ValueError(f"window: must be >= 0, got {window}")
     if phi not in PHI_IDS:
@@ -263,27 +337,56 @@ def _check(q: torch.Tensor, k: torch.Tensor, window: int, phi: str, c: int, bv: 
     d = q.shape[-1]
     if d & (d - 1) or d < 16:
         raise ValueError(f"head_dim: must be a power of two >= 16 for the Triton RLA, got {d}")
-    if c & (c - 1) or c < 16 or bv & (bv - 1) or bv < 16 or d % bv:
-        raise ValueError(f"chunk {c} and block_v {bv}: must be powers of two >= 16, block_v dividing D")
+    if c & (c - 1) or c < 16:
+        raise ValueError(f"chunk {c}: must be a power of two >= 16")
 
 
 def _lastdim_contig(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _seg_sums(x: torch.Tensor, y: torch.Tensor, hkv: int, off: int, c: int, m: int, bv: int, phi: str,
-              warps: int) -> torch.Tensor:
-    """Per-segment sums of phi(x)^T y over chunks (and over each kv head's query group), fp32."""
+def _chunk_sums(x: torch.Tensor, y: torch.Tensor, hkv: int, off: int, nslot: int, mreset: int, rev: bool,
+                init: torch.Tensor | None, cfg: dict, phi: str) -> torch.Tensor:
+    """(B, Hkv, nslot, 2D, D) fp32 buffer of chunk contributions by slot (see _chunk_sum_kernel)."""
     b, hx, t, d = x.shape
-    nc = triton.cdiv(t, c)
-    ns = triton.cdiv(nc, m)
-    out = new_output((b, hkv, ns, 2 * d, d), torch.float32, x.device)
-    _seg_sum_kernel[(ns, b * hkv, d // bv)](
-        x, y, out, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
-        t, hkv, hx // hkv, off, nc, m,
-        D=d, C=c, BV=bv, PHI=PHI_IDS[phi], PREC=dot_precision(x.dtype), num_warps=warps, num_stages=2,
+    bv = cfg["sum_bv"]
+    out = torch.empty((b, hkv, nslot, 2 * d, d), dtype=torch.float32, device=x.device)
+    _chunk_sum_kernel[(nslot, b * hkv, d // bv)](
+        x, y, init if init is not None else out, out,
+        x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
+        t, hkv, hx // hkv, off, nslot, mreset,
+        D=d, C=cfg["C"], CB=cfg["sum_cb"], BV=bv, PHI=PHI_IDS[phi], PREC=dot_precision(x.dtype), REV=rev,
+        HAS_INIT=init is not None, num_warps=cfg["sum_warps"], num_stages=1,
     )
     return out
+
+
+def _launch_out(a, bt, vt, st, out, t, ha, hs, gdiv, ng, shift, nslot, rev, cfg, phi, prec):
+    b, _, _, d = a.shape
+    c, bm, bv = cfg["C"], cfg["out_bm"], cfg["out_bv"]
+    nc = triton.cdiv(t, c)  # query chunk c and key chunk c pair up, in either direction
+    _rla_out_kernel[(nc * (c // bm), b * ha, d // bv)](
+        a, bt, vt, st, out,
+        a.stride(0), a.stride(1), a.stride(2), bt.stride(0), bt.stride(1), bt.stride(2),
+        vt.stride(0), vt.stride(1), vt.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        t, ha, hs, gdiv, ng, shift, nslot,
+        D=d, C=c, BM=bm, CB=cfg["out_cb"], BK=cfg["out_bk"], BV=bv, PHI=PHI_IDS[phi], PREC=prec, REV=rev,
+        num_warps=cfg["out_warps"], num_stages=cfg["out_stages"],
+    )
+
+
+def _launch_grad(x, xa, y, z, st, out, t, ha, hs, gdiv, ng, shift, nslot, nc, rev, cfg, phi, prec):
+    b, _, _, d = x.shape
+    c, bm = cfg["C"], cfg["grad_bm"]
+    _rla_grad_kernel[(nc * (c // bm), b * ha)](
+        x, xa, y, z, st, out,
+        x.stride(0), x.stride(1), x.stride(2), xa.stride(0), xa.stride(1), xa.stride(2),
+        y.stride(0), y.stride(1), y.stride(2), z.stride(0), z.stride(1), z.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        t, ha, hs, gdiv, ng, shift, nslot,
+        D=d, C=c, BM=bm, CB=cfg["grad_cb"], BV=cfg["grad_bv"], PHI=PHI_IDS[phi], PREC=prec, REV=rev,
+        num_warps=cfg["grad_warps"], num_stages=cfg["grad_stages"],
+    )
 
 
 def rla_fwd(
@@ -295,24 +398,20 @@ def rla_fwd(
     q, k, v = (_lastdim_contig(x) for x in (q, k, v))
     b, hq, t, d = q.shape
     hkv = k.shape[1]
-    c, m, bv, warps = _sizes(d, chunk, seg_chunks, block_v)
-    _check(q, k, window, phi, c, bv)
+    cfg = _cfg(d, chunk, seg_chunks)
+    if block_v:
+        cfg["out_bv"] = block_v
+    c, m = cfg["C"], cfg["m"]
+    _check(q, window, phi, c)
     s = window + 1
     nc = triton.cdiv(t, c)
-    ns = triton.cdiv(nc, m)
-    local = _seg_sums(k, v, hkv, -s, c, m, bv, phi, warps)
-    states = torch.zeros_like(local)
-    if ns > 1:
-        torch.cumsum(local[:, :, :-1], dim=2, out=states[:, :, 1:])
+    # slot p holds phi(k_{p-1})^T v_{p-1}, slot 0 zero; the prefix sum over slots is S_p
+    states = _chunk_sums(k, v, hkv, -s, nc, nc + 1, False, None, cfg, phi)
+    if nc > 1:
+        states.cumsum_(dim=2)
     o = new_output((b, hq, t, d), torch.float32, q.device)
-    _rla_fwd_kernel[(ns, b * hq, d // bv)](
-        q, k, v, states, o,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        t, hq, hq // hkv, s, nc, m, ns,
-        D=d, C=c, BV=bv, PHI=PHI_IDS[phi], PREC=dot_precision(q.dtype), num_warps=warps, num_stages=2,
-    )
-    return o, states
+    _launch_out(q, k, v, states, o, t, hq, hkv, hq // hkv, 1, s, nc, False, cfg, phi, dot_precision(q.dtype))
+    return o, states[:, :, ::m].clone()
 
 
 def rla_bwd(
@@ -324,33 +423,35 @@ def rla_bwd(
     q, k, v, do = (_lastdim_contig(x) for x in (q, k, v, do))
     b, hq, t, d = q.shape
     hkv = k.shape[1]
-    c, m, bv, warps = _sizes(d, chunk, seg_chunks, block_v)
-    _check(q, k, window, phi, c, bv)
+    g = hq // hkv
+    cfg = _cfg(d, chunk, seg_chunks)
+    if block_v:
+        cfg["out_bv"] = block_v
+    c, m = cfg["C"], cfg["m"]
+    _check(q, window, phi, c)
     s = window + 1
     nc = triton.cdiv(t, c)
     ns = triton.cdiv(nc, m)
     prec = dot_precision(q.dtype)
-    # reverse states: dH entering segment j from the right = sum over query chunks of later segments
-    local = _seg_sums(q, do, hkv, 0, c, m, bv, phi, warps)
-    dstates = torch.zeros_like(local)
-    if ns > 1:
-        dstates[:, :, :-1] = torch.cumsum(local[:, :, 1:].flip(2), dim=2).flip(2)
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-    dq = torch.zeros((b, hq, t, d), dtype=torch.float32, device=q.device)  # atomics accumulate here
-    _rla_bwd_dq_kernel[(ns, b * hq, d // bv)](
-        q, k, v, do, states, dq, *strides, t, hq, hq // hkv, s, nc, m, ns,
-        D=d, C=c, BV=bv, PHI=PHI_IDS[phi], PREC=prec, num_warps=warps, num_stages=2,
-    )
-    dk = torch.zeros((b, hkv, t, d), dtype=torch.float32, device=q.device)
-    dv = new_output((b, hkv, t, d), v.dtype, q.device)
+    # chunk states inside each segment: slot p = segment start (p = 0 mod m) or phi(k_{p-1})^T v_{p-1},
+    # then a prefix sum within each segment
+    st = _chunk_sums(k, v, hkv, -s, ns * m, m, False, states.contiguous(), cfg, phi)
+    if m > 1:
+        st.view(b, hkv, ns, m, 2 * d, d).cumsum_(dim=3)
+    # reverse states: dH_c = sum over query chunks c' > c of the group's phi(q)^T do, at slot nc - 1 - c
+    dst = _chunk_sums(q, do, hkv, 0, nc, nc + 1, True, None, cfg, phi)
+    if nc > 1:
+        dst.cumsum_(dim=2)
+    dq = new_output((b, hq, t, d), q.dtype, q.device)
+    _launch_grad(do, q, v, k, st, dq, t, hq, hkv, g, 1, s, ns * m, nc, False, cfg, phi, prec)
     # keys never seen by any query (j >= NC*C - s) sit in no key chunk: their gradient is zero
+    dk = new_output((b, hkv, t, d), k.dtype, q.device)
+    dv = new_output((b, hkv, t, d), v.dtype, q.device)
+    dk[:, :, max(0, nc * c - s):] = 0
     dv[:, :, max(0, nc * c - s):] = 0
-    _rla_bwd_dkv_kernel[(ns, b * hkv, d // bv)](
-        q, k, v, do, dstates, dk, dv, *strides, t, hkv, hq // hkv, s, nc, m, ns,
-        D=d, C=c, BV=bv, PHI=PHI_IDS[phi], PREC=prec, num_warps=warps, num_stages=2,
-    )
-    return dq.to(q.dtype), dk.to(k.dtype), dv
+    _launch_grad(v, k, do, q, dst, dk, t, hkv, hkv, 1, g, s, nc, nc, True, cfg, phi, prec)
+    _launch_out(k, q, do, dst, dv, t, hkv, hkv, 1, g, s, nc, True, cfg, phi, prec)
+    return dq, dk, dv
 
 
 class RLAFunction(torch.autograd.Function):

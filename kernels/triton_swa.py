@@ -4,7 +4,9 @@ Query t sees keys j with ``0 <= t - j <= w``; ``window=None`` is full causal. Ea
 visits the key blocks that intersect its window (and each key block only the query blocks that can
 see it), so the cost grows with T * w. GQA: query head h reads kv head h // (Hq // Hkv); the dK/dV
 program of a kv head loops over its query heads, so no atomics are needed. Inputs bf16/fp16/fp32,
-accumulation fp32; the forward saves the log-sum-exp (base 2) per query for the backward.
+accumulation fp32; the forward saves the log-sum-exp (base 2) per query for the backward. The
+backward's delta = rowsum(o * dO) is computed by the dQ kernel (which reads those rows anyway) and
+stored for the dK/dV kernel, which runs after it: no separate pass.
 Tensors are (B, H, T, D) and may be strided views; only the last dim must be contiguous.
 """
 
@@ -78,8 +80,8 @@ def _swa_fwd_kernel(
 
 @triton.jit
 def _swa_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
-    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt,
+    Q, K, V, DO, O, LSE, DELTA, DQ,
+    sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdb, sdh, sdt, sob, soh, sot,
     T, H, GROUP, WINDOW, qk_scale, sm_scale,
     D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
@@ -95,7 +97,10 @@ def _swa_bwd_dq_kernel(
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     lse = tl.load(LSE + pid_bh * T + offs_m, mask=row_ok, other=0.0)
-    delta = tl.load(DELTA + pid_bh * T + offs_m, mask=row_ok, other=0.0)
+    # delta = rowsum(o * do), fused here (it is this program's rows) and stored for the dK/dV kernel
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh * T + offs_m, delta, mask=row_ok)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     dq = tl.zeros([BM, D], tl.float32)
@@ -175,17 +180,18 @@ def _swa_bwd_dkv_kernel(
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
+# (BM, BN, num_warps, num_stages) per kernel on the GPU at D >= 128 (4 warps below); tuning overrides these.
+GPU_BLOCKS = {"fwd": (128, 64, 8, 3), "dq": (64, 64, 8, 2), "dkv": (32, 128, 8, 2)}
+
+
 def _blocks(d: int, kind: str) -> tuple[int, int, int, int]:
     """(BM, BN, num_warps, num_stages) for a head dim; small tiles under the interpreter. The backward
     blocks are those ptxas compiles without spills at D=128 on sm_90 (dq: 64x64; dK/dV: 32 queries by
     128 keys, where 64x64 spilled)."""
     if interpreted():
         return 16, 16, 4, 1
-    if kind == "fwd":
-        return (128, 64, 8, 3) if d >= 128 else (128, 64, 4, 3)
-    if kind == "dq":
-        return (64, 64, 8, 2) if d >= 128 else (64, 64, 4, 2)
-    return (32, 128, 8, 2) if d >= 128 else (32, 128, 4, 2)
+    bm, bn, warps, stages = GPU_BLOCKS[kind]
+    return bm, bn, (warps if d >= 128 else 4), stages
 
 
 def _window_arg(window: int | None, t: int) -> int:
@@ -235,7 +241,8 @@ def swa_bwd(
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    delta = (o.float() * do.float()).sum(-1).contiguous()
+    o = _lastdim_contig(o)
+    delta = new_output((b, hq, t), torch.float32, q.device)  # written by the dq kernel
     w = _window_arg(window, t)
     prec = dot_precision(q.dtype)
     dq = new_output((b, hq, t, d), q.dtype, q.device)
@@ -246,7 +253,8 @@ def swa_bwd(
     bm, bn, warps, stages = _blocks(d, "dq")
     bm, bn = block_m or bm, block_n or bn
     _swa_bwd_dq_kernel[(triton.cdiv(t, bm), b * hq)](
-        q, k, v, do, lse, delta, dq, *strides, t, hq, hq // hkv, w, scale * LOG2E, scale,
+        q, k, v, do, o, lse, delta, dq, *strides, o.stride(0), o.stride(1), o.stride(2),
+        t, hq, hq // hkv, w, scale * LOG2E, scale,
         D=d, BM=bm, BN=bn, PREC=prec, UPCAST=upcast_dots(q.dtype), num_warps=warps, num_stages=stages,
     )
     bm, bn, warps, stages = _blocks(d, "dkv")
