@@ -338,18 +338,17 @@ def markdown(record: dict) -> str:
 
 RLA_VARIANTS = (  # overrides of kernels.triton_rla.GPU_CFG; the first is the default
     {},
-    {"out_bv": 128},
     {"grad_bm": 64},
-    {"out_warps": 4, "grad_warps": 4},
+    {"sum_warps": 4},
     {"out_stages": 3, "grad_stages": 3},
     {"grad_bv": 64},
     {"C": 32, "out_bm": 32, "m": 16},
+    {"out_bv": 128},
 )
 SWA_VARIANTS = (  # overrides of kernels.triton_swa.GPU_BLOCKS; the first is the default
     {},
-    {"dq": (64, 64, 8, 3), "dkv": (32, 128, 8, 3)},
-    {"dkv": (64, 128, 8, 2)},
-    {"dq": (128, 32, 8, 2)},
+    {"dq": (128, 32, 8, 3), "dkv": (32, 128, 8, 3)},
+    {"dq": (128, 64, 8, 2)},
 )
 
 
