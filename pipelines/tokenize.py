@@ -23,6 +23,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import sys
 import sysconfig
 import tarfile
@@ -440,6 +441,7 @@ def check_existing(out: Path, fingerprint: str, force: bool) -> dict[str, Any] |
 def publish(tmp: Path, out: Path) -> None:
     """Move a finished temp folder into place; an old dataset (under --force) is swapped out first."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    (tmp / ".owner").unlink(missing_ok=True)
     if out.exists():
         trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         os.rename(out, trash)
@@ -450,11 +452,35 @@ def publish(tmp: Path, out: Path) -> None:
 
 
 def temp_folder(out: Path) -> Path:
-    """A hidden sibling of ``out`` to build in: never mistaken for a dataset, same filesystem."""
+    """A hidden sibling of ``out`` to build in: never mistaken for a dataset, same filesystem.
+
+    It holds an ``.owner`` file (host and pid); temp folders of ``out`` left by a killed run on
+    this host are removed here.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname()
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        owner = stale / ".owner"
+        try:
+            o_host, o_pid = owner.read_text().split(":")
+        except (OSError, ValueError):
+            continue
+        if o_host == host and not _alive(int(o_pid)):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    (tmp / ".owner").write_text(f"{host}:{os.getpid()}")
     return tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # ----- the job ----------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from pipelines.tokenize import (
     resolve_sources,
     split_of,
     stdlib_files,
+    temp_folder,
     work_item,
 )
 from rattention.data import read_manifest, sha256_file
@@ -191,6 +193,21 @@ def test_interrupted_run_leaves_nothing_that_looks_complete(ray_local, mixed_fol
         prepare(make_config(out=tmp_path / "ds", sources=[str(mixed_folder)], vocab_size=300),
                 log=lambda s: None)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_temp_folders_of_killed_runs_are_removed(tmp_path):
+    """A run killed outright leaves a hidden temp folder; the next run on that output removes it."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    host = socket.gethostname()
+    stale, live = tmp_path / ".ds.tmp-dead0000", tmp_path / ".ds.tmp-live0000"
+    for folder, pid in ((stale, dead), (live, os.getpid())):
+        folder.mkdir()
+        (folder / "train-000000.tar").write_bytes(b"partial")
+        (folder / ".owner").write_text(f"{host}:{pid}")
+    tmp = temp_folder(tmp_path / "ds")
+    assert not stale.exists() and live.exists() and tmp.name.startswith(".ds.tmp-")
+    assert (tmp / ".owner").read_text() == f"{host}:{os.getpid()}"
 
 
 def test_stdlib_listing_excludes_tests_and_site_packages():
