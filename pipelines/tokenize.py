@@ -60,7 +60,7 @@ class PrepareConfig(BaseModel):
     text_field: str = "text"
     parquet_column: str = "text"
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
-    shard_tokens: int = Field(1_000_000, gt=0)
+    shard_tokens: int = Field(500_000, gt=0)
     max_files: int | None = Field(None, gt=0)
     # How to run: not part of the fingerprint.
     num_cpus: int | None = Field(None, gt=0)
@@ -710,7 +710,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--text-field", default="text")
     ap.add_argument("--parquet-column", default="text")
     ap.add_argument("--val-fraction", type=float, default=0.05)
-    ap.add_argument("--shard-tokens", type=int, default=1_000_000)
+    ap.add_argument("--shard-tokens", type=int, default=500_000)
     ap.add_argument("--max-files", type=int)
     ap.add_argument("--num-cpus", type=int)
     ap.add_argument("--address")

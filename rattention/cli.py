@@ -32,7 +32,7 @@ def data_prepare(
     tokenizer: Path | None = typer.Option(None, help="Use this tokenizer.json instead of training one."),
     tokenizer_sample_mb: float = typer.Option(16.0, help="MB of corpus text to train the tokenizer on."),
     val_fraction: float = typer.Option(0.05, help="Fraction of documents (by id hash) in the val split."),
-    shard_tokens: int = typer.Option(1_000_000, help="Tokens per shard (a shard closes past this)."),
+    shard_tokens: int = typer.Option(500_000, help="Tokens per shard (a shard closes past this)."),
     text_field: str = typer.Option("text", help="The text field of .jsonl records."),
     parquet_column: str = typer.Option("text", help="The text column of .parquet files."),
     max_files: int | None = typer.Option(None, help="Take only this many files per source (spread evenly)."),
