@@ -297,11 +297,11 @@ def _rla_grad_kernel(
 # per kernel: "sum" value block of the chunk-sum kernel; "out_*" row block, feature block and value
 # block of the output/dV kernel; "grad_*" row block and value block of the dq/dk kernel; warps and
 # stages. Overridable for tuning (kernels.bench --tune). Measured on the H200 at T=8192, w=512, fwd+bwd:
-# 8 warps 18.6 ms, 4 warps 13.3 ms (benchmarks/README.md).
+# 8 warps 18.6 ms, 4 warps 13.3 ms; chunk 32 12.5 ms vs 64 13.2 ms (benchmarks/README.md).
 GPU_CFG = {
-    "C": 64, "m": 8,
+    "C": 32, "m": 16,
     "sum_cb": 32, "sum_bv": 64, "sum_warps": 8,
-    "out_bm": 64, "out_cb": 32, "out_bk": 32, "out_bv": 64, "out_warps": 4, "out_stages": 2,
+    "out_bm": 32, "out_cb": 32, "out_bk": 32, "out_bv": 64, "out_warps": 4, "out_stages": 2,
     "grad_bm": 32, "grad_cb": 32, "grad_bv": 32, "grad_warps": 4, "grad_stages": 2,
 }
 INTERP_CFG = {

@@ -181,7 +181,7 @@ def _swa_bwd_dkv_kernel(
 
 
 # (BM, BN, num_warps, num_stages) per kernel on the GPU at D >= 128 (4 warps below); tuning overrides these.
-GPU_BLOCKS = {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 2), "dkv": (32, 128, 8, 2)}
+GPU_BLOCKS = {"fwd": (128, 64, 8, 3), "dq": (128, 32, 8, 3), "dkv": (32, 128, 8, 3)}
 
 
 def _blocks(d: int, kind: str) -> tuple[int, int, int, int]:
