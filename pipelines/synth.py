@@ -115,7 +115,7 @@ def synth(cfg: SynthConfig, log: Any = print) -> dict[str, Any]:
     content.update(format_version=FORMAT_VERSION, vocab_size=vocab_size, eos_id=eos_id,
                    like_fingerprint=like_manifest["fingerprint"] if like_manifest else None)
     fingerprint = fingerprint_of(content)
-    existing = check_existing(cfg.out, fingerprint, cfg.force)
+    existing = check_existing(cfg.out, fingerprint, cfg.force, log)
     if existing is not None:
         log(f"{cfg.out}: up to date (fingerprint {fingerprint[:12]}), nothing to do")
         return existing

@@ -411,30 +411,29 @@ def fingerprint_of(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-def check_existing(out: Path, fingerprint: str, force: bool) -> dict[str, Any] | None:
-    """Return the manifest if ``out`` already holds this exact dataset, complete; else None.
+def check_existing(out: Path, fingerprint: str, force: bool, log: Any = print) -> dict[str, Any] | None:
+    """Return the manifest if ``out`` already holds this exact dataset, complete; else None (build).
 
-    A complete dataset with another fingerprint is an error unless ``force``.
+    A dataset with another fingerprint, or with a shard missing, is rebuilt (and replaced only once
+    the new one is complete). A non-empty folder that is not a dataset is never overwritten.
     """
     mpath = out / "manifest.json"
-    if force or not out.exists() or (out.is_dir() and not any(out.iterdir())):
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return None
     if not mpath.exists():
-        raise DataError(f"{out}: exists but holds no manifest.json; pass --force to replace it")
+        raise DataError(f"{out}: exists and is not a dataset (no manifest.json); choose another --out")
+    if force:
+        return None
     manifest = json.loads(mpath.read_text())
     if manifest.get("fingerprint") != fingerprint:
-        raise DataError(
-            f"{out}: holds a dataset built from other inputs or config "
-            f"(fingerprint {manifest.get('fingerprint', '?')[:12]}); pass --force to rebuild it"
-        )
-    missing = [
-        s["file"]
-        for sp in manifest.get("splits", {}).values()
-        for s in sp["shards"]
-        if not (out / s["file"]).exists()
-    ]
+        log(f"{out}: inputs or config changed (fingerprint {str(manifest.get('fingerprint'))[:12]} -> "
+            f"{fingerprint[:12]}), rebuilding")
+        return None
+    missing = [s["file"] for sp in manifest.get("splits", {}).values() for s in sp["shards"]
+               if not (out / s["file"]).exists()]
     if missing:
-        raise DataError(f"{out / missing[0]}: shard listed in the manifest is missing; pass --force")
+        log(f"{out / missing[0]}: shard listed in the manifest is missing, rebuilding")
+        return None
     return manifest
 
 
@@ -529,7 +528,7 @@ def _build(
     """Fingerprint, then (unless up to date) tokenize into a temp folder and publish it."""
     t0 = time.perf_counter()
     fingerprint = _fingerprint(cfg, inputs)
-    existing = check_existing(cfg.out, fingerprint, cfg.force)
+    existing = check_existing(cfg.out, fingerprint, cfg.force, log)
     if existing is not None:
         log(f"{cfg.out}: up to date (fingerprint {fingerprint[:12]}), nothing to do")
         return existing
@@ -670,7 +669,7 @@ def prepare_hf(cfg: PrepareConfig, log: Any = print) -> dict[str, Any]:
     if cfg.text_field not in hf.column_names:
         raise DataError(f"hf:{name}: no column {cfg.text_field!r}; columns: {', '.join(hf.column_names)}")
     inputs = {"hf": cfg.sources[0], "fingerprint": getattr(hf, "_fingerprint", None), "rows": len(hf)}
-    existing = check_existing(cfg.out, _fingerprint(cfg, inputs), cfg.force)
+    existing = check_existing(cfg.out, _fingerprint(cfg, inputs), cfg.force, log)
     if existing is not None:
         log(f"{cfg.out}: up to date, nothing to do")
         return existing

@@ -109,7 +109,7 @@ def test_plain_webdataset_reads_the_tokenizer_tokens(stdlib_ds):
     assert seen == m["counts"]["documents"]
 
 
-def test_rerun_is_a_noop_and_force_rebuilds(stdlib_ds):
+def test_rerun_is_a_noop(stdlib_ds):
     out, _ = stdlib_ds
     before = (out / "manifest.json").read_text()
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
@@ -119,10 +119,13 @@ def test_rerun_is_a_noop_and_force_rebuilds(stdlib_ds):
     assert "up to date" in logs[-1]
     assert (out / "manifest.json").read_text() == before
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
-    # another config on the same folder is refused without --force
-    other = make_config(out=out, max_files=N_STDLIB, vocab_size=600, shard_tokens=30_000, val_fraction=0.3)
-    with pytest.raises(DataError, match="pass --force"):
-        prepare(other)
+
+    # a folder that is not a dataset is never overwritten
+    (out.parent / "mine").mkdir()
+    (out.parent / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="not a dataset"):
+        prepare(make_config(out=out.parent / "mine", max_files=N_STDLIB))
+    assert (out.parent / "mine" / "notes.txt").read_text() == "keep me"
 
 
 def test_existing_tokenizer_gives_identical_tokens(stdlib_ds, tmp_path):
@@ -155,10 +158,15 @@ def test_mixed_folder_counts_bad_input(ray_local, mixed_folder, tmp_path):
     for sample in wds.WebDataset([str(out / s["file"]) for s in m["splits"]["train"]["shards"]],
                                  shardshuffle=False).decode():
         assert m["eos_id"] not in sample["tokens.npy"].tolist()
-    # --force replaces the dataset with one built from the new config
-    m2 = prepare(make_config(out=out, sources=[str(mixed_folder)], vocab_size=300, val_fraction=0.5,
-                             force=True), log=lambda s: None)
+    # another config on the same folder rebuilds it (swapped in when complete); --force rebuilds anyway
+    logs: list[str] = []
+    m2 = prepare(make_config(out=out, sources=[str(mixed_folder)], vocab_size=300, val_fraction=0.5),
+                 log=logs.append)
+    assert "rebuilding" in logs[0] and logs[-1].startswith(f"prepared {out}")
     assert m2["fingerprint"] != m["fingerprint"] and m2["splits"]["val"]["documents"] > 0
+    prepare(make_config(out=out, sources=[str(mixed_folder)], vocab_size=300, val_fraction=0.5, force=True),
+            log=logs.append)
+    assert logs[-1].startswith(f"prepared {out}")
     assert read_manifest(out)["fingerprint"] == m2["fingerprint"]
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["manifest.json", "tokenizer.json"] + [s["file"] for sp in m2["splits"].values() for s in sp["shards"]]
