@@ -16,7 +16,8 @@ gives every document to exactly one reader.
 Order. Training (``infinite=True``, the default for ``train``) permutes the shards per epoch (one
 permutation shared by all readers, seeded by ``seed`` and the epoch) and shuffles documents in a
 seeded buffer per reader; it never ends. Evaluation (``infinite=False``) reads shards in order
-without shuffling, one pass, and pads the last window (inputs EOS, targets ``IGNORE_INDEX``).
+without shuffling, one pass, and pads the last window (inputs EOS, targets ``IGNORE_INDEX``);
+ranks may then get different numbers of batches, so reduce evaluation metrics once at the end.
 
 Position. A reader's position is ``(epoch, document, offset)``: the next window starts at token
 ``offset`` of the ``document``-th document of that epoch's order (EOS counted as its last token).
