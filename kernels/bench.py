@@ -6,7 +6,9 @@ forward and forward+backward medians (``triton.testing.do_bench``) of our SWA, R
 ops, SDPA full causal, FlexAttention sliding window and the unfused composite (FlexAttention SWA +
 torch sm2 + torch chunked linear attention on padded k/v + two RMSNorms), with the bf16 matmul
 ceiling of the same run and peak extra memory of the forward+backward. Writes the JSON record and
-a markdown table, and prints the table last.
+a markdown table, and prints the table last. ``--tune`` first searches the RLA tile axes (RLA_AXES,
+coordinate-wise, each variant checked) and SWA blocks, and applies the picks. ``--ptxas`` (no GPU):
+registers, spills and shared memory of every RLA kernel launch on sm_90a for each tuning variant.
 """
 
 from __future__ import annotations
@@ -336,41 +338,41 @@ def markdown(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-RLA_VARIANTS = (  # overrides of kernels.triton_rla.GPU_CFG; the first is the default
-    {},
-    {"grad_bm": 64},
-    {"sum_warps": 4},
-    {"out_stages": 3, "grad_stages": 3},
-    {"grad_bv": 64},
-    {"C": 32, "out_bm": 32, "m": 16},
-    {"out_bv": 128},
+# RLA tuning, coordinate-wise: each axis is tried in order on top of the best found so far (its first
+# entry keeps that best), so one run combines the gains of different axes. Overrides of
+# kernels.triton_rla.GPU_CFG, whose values are the last run's picks.
+RLA_AXES = (
+    ("chunk-sum warps", ({}, {"sum_warps": 4})),
+    ("chunk-sum value block (phi(k) once)", ({}, {"sum_bv": 128, "sum_warps": 8})),
+    ("output value block (phi once)", ({}, {"out_bv": 128}, {"out_bv": 128, "out_bk": 64},
+                                       {"out_bv": 128, "out_warps": 8})),
+    ("output/dV bf16 operands", ({}, {"out_lowp": True})),
+    ("dq/dk value block", ({}, {"grad_bv": 64})),
+    ("stages", ({}, {"out_stages": 3, "grad_stages": 3})),
 )
 SWA_VARIANTS = (  # overrides of kernels.triton_swa.GPU_BLOCKS; the first is the default
     {},
-    {"dq": (128, 32, 8, 3), "dkv": (32, 128, 8, 3)},
-    {"dq": (128, 64, 8, 2)},
+    {"dq": (128, 64, 8, 3)},
 )
 
 
-def tune(t: int = 8192, window: int = 512) -> dict:
-    """Time RLA and SWA tile variants (fwd+bwd through the ops) at one length, each RLA variant checked
-    against the fp32 torch path first; apply the fastest passing variant of each and return the log."""
-    from kernels import triton_rla, triton_swa
+def _tune_rla(qr, kr, v, window: int, do: torch.Tensor, log: dict) -> None:
+    """Time the RLA axes (fwd+bwd through the op), each variant checked first against the fp32 torch
+    path; leave triton_rla.GPU_CFG at the fastest passing combination."""
+    from kernels import triton_rla
 
-    x = make_inputs(TOKENS // t, t)
-    q, k, v, qr, kr = (x[n] for n in ("q", "k", "v", "q_raw", "k_raw"))
-    log: dict = {"T": t, "window": window, "rla": [], "swa": []}
-    do = torch.randn(q.shape, device=q.device, dtype=torch.float32)
     ref_in = [z.detach().float().requires_grad_() for z in (qr, kr, v)]
     ref = rla_chunked(*ref_in, window, "sm2", RLA_CHUNK)
     ref_g = [ref.detach()] + list(torch.autograd.grad(ref, ref_in, do))
     del ref, ref_in
-    base_rla = dict(triton_rla.GPU_CFG)
-    best = (float("inf"), {})
-    for var in RLA_VARIANTS:
+    base = dict(triton_rla.GPU_CFG)
+    chosen: dict = {}
+    best_ms = float("inf")
+
+    def measure(over: dict, axis: str) -> dict:
         triton_rla.GPU_CFG.clear()
-        triton_rla.GPU_CFG.update(base_rla, **var)
-        row = {"cfg": var}
+        triton_rla.GPU_CFG.update(base, **over)
+        row: dict = {"axis": axis, "cfg": dict(over)}
         try:
             out = rla_triton(qr, kr, v, window)
             g = [out.detach()] + list(torch.autograd.grad(out, [qr, kr, v], do))
@@ -378,16 +380,40 @@ def tune(t: int = 8192, window: int = 512) -> dict:
             del out, g
             f, fb = fwd_bwd_timer(lambda: rla_triton(qr, kr, v, window), [qr, kr, v])
             row["fwd_ms"], row["fwd_bwd_ms"] = _bench(f), _bench(fb)
-            if row["err"] < TOL_BF16 and row["fwd_bwd_ms"] < best[0]:
-                best = (row["fwd_bwd_ms"], var)
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+        row["ok"] = row.get("err", float("inf")) < TOL_BF16 and "error" not in row
+        print(f"tune rla {over}: {row}", flush=True)
         log["rla"].append(row)
-        print(f"tune rla {var}: {row}", flush=True)
+        return row
+
+    row = measure({}, "defaults")
+    if row["ok"]:
+        best_ms = row["fwd_bwd_ms"]
+    for axis, alternatives in RLA_AXES:
+        pick = chosen
+        for var in alternatives[1:]:
+            over = {**chosen, **var}
+            row = measure(over, axis)
+            if row["ok"] and row["fwd_bwd_ms"] < best_ms:
+                best_ms, pick = row["fwd_bwd_ms"], over
+        chosen = pick
     triton_rla.GPU_CFG.clear()
-    triton_rla.GPU_CFG.update(base_rla, **best[1])
-    log["rla_best"] = best[1]
-    del ref_g
+    triton_rla.GPU_CFG.update(base, **chosen)
+    log["rla_best"] = chosen
+    log["rla_best_ms"] = best_ms
+
+
+def tune(t: int = 8192, window: int = 512) -> dict:
+    """Time RLA and SWA tile variants (fwd+bwd through the ops) at one length, each RLA variant checked
+    against the fp32 torch path first; apply the fastest passing variant of each and return the log."""
+    from kernels import triton_swa
+
+    x = make_inputs(TOKENS // t, t)
+    q, k, v, qr, kr = (x[n] for n in ("q", "k", "v", "q_raw", "k_raw"))
+    log: dict = {"T": t, "window": window, "rla": [], "swa": []}
+    do = torch.randn(q.shape, device=q.device, dtype=torch.float32)
+    _tune_rla(qr, kr, v, window, do, log)
     base_swa = dict(triton_swa.GPU_BLOCKS)
     best = (float("inf"), {})
     for var in SWA_VARIANTS:
@@ -406,9 +432,112 @@ def tune(t: int = 8192, window: int = 512) -> dict:
     triton_swa.GPU_BLOCKS.clear()
     triton_swa.GPU_BLOCKS.update(base_swa, **best[1])
     log["swa_best"] = {kk: list(vv) for kk, vv in best[1].items()}
-    print(f"tune: applied rla {log['rla_best']}, swa {log['swa_best']}", flush=True)
+    print(f"tune: applied rla {log['rla_best']} ({log['rla_best_ms']:.2f} ms), swa {log['swa_best']}", flush=True)
     torch.cuda.empty_cache()
     return log
+
+
+_TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _sm90_resources(fn, args: tuple, kwargs: dict) -> dict:
+    """Compile one recorded launch for sm_90a as the JIT would specialize it (ints equal to 1 become
+    constants, pointers and multiples of 16 get divisibility 16) and read ptxas -v: registers and
+    spill bytes per thread, shared memory per program. Needs triton's ptxas only, no GPU."""
+    import re
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    opts = {"num_warps": kwargs.pop("num_warps"), "num_stages": kwargs.pop("num_stages")}
+    consts = dict(kwargs)
+    sig, attrs = {}, {}
+    for i, (name, val) in enumerate(zip(fn.arg_names, args, strict=False)):
+        if isinstance(val, torch.Tensor):
+            sig[name] = "*" + _TRITON_TYPES[val.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif val == 1:
+            sig[name] = "constexpr"
+            consts[name] = 1
+        else:
+            sig[name] = "i32"
+            if val % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    for name in consts:
+        sig[name] = "constexpr"
+    k = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32), options=opts)
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(k.asm["ptx"])
+        f.flush()
+        res = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True)
+    txt = res.stdout + res.stderr
+    regs = re.search(r"Used (\d+) registers", txt)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", txt)
+    return {"regs": int(regs.group(1)), "spill_st": int(spill.group(1)), "spill_ld": int(spill.group(2)),
+            "smem": k.metadata.shared, **opts}
+
+
+def ptxas_report(variants: list[dict] | None = None, t: int = 8192, window: int = 512) -> list[dict]:
+    """ptxas resources of every RLA kernel launch of one forward+backward at the bench shapes (bf16, B*T =
+    65536) for the GPU defaults and each tuning alternative: the launchers run on meta tensors and a
+    recorder stands in for each kernel."""
+    from kernels import triton_rla as R
+
+    if variants is None:
+        variants = [{}] + [var for _, alts in RLA_AXES for var in alts[1:]]
+    rows: list[dict] = []
+    kernels = {"_chunk_sum_kernel": R._chunk_sum_kernel, "_rla_out_kernel": R._rla_out_kernel,
+               "_rla_grad_kernel": R._rla_grad_kernel}
+    launches: list[tuple[str, tuple, dict]] = []
+    seen: dict[tuple, dict] = {}  # one compile per distinct specialization
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append((self.name, args, kwargs))
+
+    b = TOKENS // t
+
+    def view(h):
+        return torch.empty(b, t, h, D, device="meta", dtype=torch.bfloat16).transpose(1, 2)
+
+    saved = (dict(R.GPU_CFG), R.interpreted, R.check_launch)
+    try:
+        R.interpreted, R.check_launch = (lambda: False), (lambda x: None)
+        for name in kernels:
+            setattr(R, name, Recorder(name))
+        for var in variants:
+            R.GPU_CFG.clear()
+            R.GPU_CFG.update(saved[0], **var)
+            launches.clear()
+            q, k, v = view(HQ), view(HKV), view(HKV)
+            _, states = R.rla_fwd(q, k, v, window)
+            do = torch.empty(q.shape, device="meta", dtype=torch.float32)
+            R.rla_bwd(do, q, k, v, states, window)
+            for i, (name, args, kwargs) in enumerate(launches):
+                what = ("fwd " if i < 2 else "bwd ") + name.strip("_").replace("_kernel", "")
+                key = (name, tuple(str(a.dtype) if isinstance(a, torch.Tensor) else a == 1 for a in args),
+                       tuple(sorted(kwargs.items())))
+                if key not in seen:
+                    seen[key] = _sm90_resources(kernels[name], args, dict(kwargs))
+                row = {"cfg": var, "launch": f"{i}: {what}", **seen[key]}
+                rows.append(row)
+                print(f"ptxas sm_90a {str(var):48s} {row['launch']:22s} regs {row['regs']:3d}  spill st/ld "
+                      f"{row['spill_st']}/{row['spill_ld']} B  smem {row['smem']} B  warps {row['num_warps']}",
+                      flush=True)
+    finally:
+        for name, fn in kernels.items():
+            setattr(R, name, fn)
+        R.GPU_CFG.clear()
+        R.GPU_CFG.update(saved[0])
+        R.interpreted, R.check_launch = saved[1], saved[2]
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -419,7 +548,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tune", action="store_true",
                    help="first time RLA/SWA tile variants at T=8192 and apply the fastest (checked) ones")
     p.add_argument("--tune-only", action="store_true", help="only the tuning pass")
+    p.add_argument("--ptxas", action="store_true",
+                   help="no GPU needed: registers/spills of the RLA kernels on sm_90a for each tuning variant")
     a = p.parse_args(argv)
+    if a.ptxas:
+        ptxas_report()
+        return
     if not torch.cuda.is_available():
         sys.exit("kernels.bench: needs a CUDA GPU (the CPU benchmark is benchmarks/bench_cpu.py)")
     tuned = None

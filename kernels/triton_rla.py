@@ -97,6 +97,26 @@ def _half_bwd(x, y, dy, NEG: tl.constexpr, PHI: tl.constexpr):
 
 
 @triton.jit
+def _round_bf16(x):
+    """fp32 x rounded to the nearest bf16 value (ties to even), kept in fp32: the GPU's bf16 cast, for the
+    interpreter, whose cast truncates (finite values only)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mm_out(a, b, PREC: tl.constexpr, LOWP: tl.constexpr, UPCAST: tl.constexpr):
+    """A product of the output/dV kernel: fp32 operands at PREC, or (LOWP) operands rounded to bf16, with
+    fp32 accumulation either way (UPCAST, the interpreter: the rounded values multiplied in fp32)."""
+    if LOWP:
+        if UPCAST:
+            return mm(_round_bf16(a.to(tl.float32)), _round_bf16(b.to(tl.float32)), PREC, True)
+        return mm(a.to(tl.bfloat16), b.to(tl.bfloat16), PREC, False)
+    return mm(a.to(tl.float32), b.to(tl.float32), PREC, False)
+
+
+@triton.jit
 def _chunk_sum_kernel(
     X, Y, INIT, OUT, sxb, sxh, sxt, syb, syh, syt,
     T, HKV, G, OFF, NSLOT, MRESET,
@@ -152,12 +172,15 @@ def _rla_out_kernel(
     sab, sah, sat, sbb, sbh, sbt, svb, svh, svt, sob, soh, sot,
     T, HA, HS, GDIV, NG, SHIFT, NSLOT,
     D: tl.constexpr, C: tl.constexpr, BM: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, PHI: tl.constexpr, PREC: tl.constexpr, REV: tl.constexpr,
+    BV: tl.constexpr, PHI: tl.constexpr, PREC: tl.constexpr, REV: tl.constexpr, LOWP: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     """OUT rows (value block) = phi(A) ST + sum_g mask(phi(A) phi(B_g)^T) V_g over one chunk.
     Forward (REV=0): A = q (queries of chunk c), B = k, V = v (keys of chunk c), ST = S_c, one g.
     dV (REV=1): A = k (keys of chunk c), B = q_g, V = do_g (queries of chunk c), ST = dH_c, g in group.
-    The chunk's other side is visited in blocks of CB columns, only those the mask can reach."""
+    The chunk's other side is visited in blocks of CB columns, only those the mask can reach. With BV = D
+    one program computes phi(A), its statistics and the scores once for every value column. LOWP: every
+    product on bf16-rounded operands (phi, states, scores, V), fp32 accumulation."""
     pid_r = tl.program_id(0)
     pid_bh = tl.program_id(1)
     v0 = tl.program_id(2) * BV
@@ -187,9 +210,9 @@ def _rla_out_kernel(
     for kb in range(0, D, BK):
         xs = tl.load(a_ptr + (kb + offs_k)[None, :], mask=a_ok[:, None], other=0.0).to(tl.float32)
         sp = tl.load(st + (kb + offs_k)[:, None] * D + offs_v[None, :])
-        acc += mm(_half(xs, amp, aip, a_ok, False, PHI), sp, PREC, False)
+        acc += _mm_out(_half(xs, amp, aip, a_ok, False, PHI), sp, PREC, LOWP, UPCAST)
         sn = tl.load(st + (D + kb + offs_k)[:, None] * D + offs_v[None, :])
-        acc += mm(_half(xs, amn, ain, a_ok, True, PHI), sn, PREC, False)
+        acc += _mm_out(_half(xs, amn, ain, a_ok, True, PHI), sn, PREC, LOWP, UPCAST)
     for g in range(0, NG):
         hb = hs * NG + g
         for ib in range(lo, hi, CB):
@@ -207,14 +230,14 @@ def _rla_out_kernel(
             for kb in range(0, D, BK):
                 xs = tl.load(a_ptr + (kb + offs_k)[None, :], mask=a_ok[:, None], other=0.0).to(tl.float32)
                 ys = tl.load(b_ptr + (kb + offs_k)[None, :], mask=b_ok[:, None], other=0.0).to(tl.float32)
-                a += mm(_half(xs, amp, aip, a_ok, False, PHI), tl.trans(_half(ys, bmp, bip, b_ok, False, PHI)),
-                        PREC, False)
-                a += mm(_half(xs, amn, ain, a_ok, True, PHI), tl.trans(_half(ys, bmn, bin_, b_ok, True, PHI)),
-                        PREC, False)
+                a += _mm_out(_half(xs, amp, aip, a_ok, False, PHI), tl.trans(_half(ys, bmp, bip, b_ok, False, PHI)),
+                             PREC, LOWP, UPCAST)
+                a += _mm_out(_half(xs, amn, ain, a_ok, True, PHI), tl.trans(_half(ys, bmn, bin_, b_ok, True, PHI)),
+                             PREC, LOWP, UPCAST)
             a = tl.where(vis, a, 0.0)
             vv = tl.load(V + bi * svb + hb * svh + b_rows[:, None] * svt + offs_v[None, :], mask=b_ok[:, None],
-                         other=0.0).to(tl.float32)
-            acc += mm(a, vv, PREC, False)
+                         other=0.0)
+            acc += _mm_out(a, vv, PREC, LOWP, UPCAST)
     tl.store(OUT + bi * sob + ha * soh + a_rows[:, None] * sot + offs_v[None, :], acc.to(OUT.dtype.element_ty),
              mask=a_ok[:, None])
 
@@ -295,19 +318,21 @@ def _rla_grad_kernel(
 
 # Tile sizes on the GPU (D = 128, sm_90): chunk C and segment m are the algorithm's; the rest are
 # per kernel: "sum" value block of the chunk-sum kernel; "out_*" row block, feature block and value
-# block of the output/dV kernel; "grad_*" row block and value block of the dq/dk kernel; warps and
+# block of the output/dV kernel ("out_bv" = D: phi and the scores once per row block, not once per value
+# block) and "out_lowp" (bf16 operands in the output/dV products, for 16-bit inputs only; dq/dk keep
+# tf32, where sm2's backward cancels); "grad_*" row block and value block of the dq/dk kernel; warps and
 # stages. Overridable for tuning (kernels.bench --tune). Measured on the H200 at T=8192, w=512, fwd+bwd:
 # 8 warps 18.6 ms, 4 warps 13.3 ms; chunk 32 12.5 ms vs 64 13.2 ms (benchmarks/README.md).
 GPU_CFG = {
     "C": 32, "m": 16,
     "sum_cb": 32, "sum_bv": 64, "sum_warps": 8,
-    "out_bm": 32, "out_cb": 32, "out_bk": 32, "out_bv": 64, "out_warps": 4, "out_stages": 2,
+    "out_bm": 32, "out_cb": 32, "out_bk": 32, "out_bv": 64, "out_warps": 4, "out_stages": 2, "out_lowp": False,
     "grad_bm": 32, "grad_cb": 32, "grad_bv": 32, "grad_warps": 4, "grad_stages": 2,
 }
 INTERP_CFG = {
     "C": 16, "m": 2,
     "sum_cb": 16, "sum_bv": 64, "sum_warps": 4,
-    "out_bm": 16, "out_cb": 16, "out_bk": 64, "out_bv": 64, "out_warps": 4, "out_stages": 1,
+    "out_bm": 16, "out_cb": 16, "out_bk": 64, "out_bv": 64, "out_warps": 4, "out_stages": 1, "out_lowp": False,
     "grad_bm": 16, "grad_cb": 16, "grad_bv": 64, "grad_warps": 4, "grad_stages": 1,
 }
 
@@ -365,6 +390,7 @@ def _chunk_sums(x: torch.Tensor, y: torch.Tensor, hkv: int, off: int, nslot: int
 def _launch_out(a, bt, vt, st, out, t, ha, hs, gdiv, ng, shift, nslot, rev, cfg, phi, prec):
     b, _, _, d = a.shape
     c, bm, bv = cfg["C"], cfg["out_bm"], cfg["out_bv"]
+    lowp = bool(cfg["out_lowp"]) and a.dtype in (torch.bfloat16, torch.float16)
     nc = triton.cdiv(t, c)  # query chunk c and key chunk c pair up, in either direction
     _rla_out_kernel[(nc * (c // bm), b * ha, d // bv)](
         a, bt, vt, st, out,
@@ -372,7 +398,7 @@ def _launch_out(a, bt, vt, st, out, t, ha, hs, gdiv, ng, shift, nslot, rev, cfg,
         vt.stride(0), vt.stride(1), vt.stride(2), out.stride(0), out.stride(1), out.stride(2),
         t, ha, hs, gdiv, ng, shift, nslot,
         D=d, C=c, BM=bm, CB=cfg["out_cb"], BK=cfg["out_bk"], BV=bv, PHI=PHI_IDS[phi], PREC=prec, REV=rev,
-        num_warps=cfg["out_warps"], num_stages=cfg["out_stages"],
+        LOWP=lowp, UPCAST=lowp and interpreted(), num_warps=cfg["out_warps"], num_stages=cfg["out_stages"],
     )
 
 
