@@ -107,18 +107,20 @@ def main() -> None:
     ap.add_argument("--ddp-steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=2, help="sequences per micro-batch per GPU")
     ap.add_argument("--out", default="benchmarks/results/gpu-train")
+    ap.add_argument("--runs-dir", default=None, help="run folders (checkpoints included); default: --out")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_gpu_train: needs a CUDA GPU")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    runs = Path(args.runs_dir) if args.runs_dir else out
     record = {"benchmark": "gpu training", "provenance": provenance(), "gpus": torch.cuda.device_count(),
               "args": vars(args)}
     parts = args.parts.split(",")
     if "kernels" in parts:
-        record["kernels"] = part_kernels(args, out)
+        record["kernels"] = part_kernels(args, runs)
     if "ddp" in parts and torch.cuda.device_count() >= 2:
-        record["ddp"] = part_ddp(args, out)
+        record["ddp"] = part_ddp(args, runs)
     (out / "gpu-train.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     print("\n| part | what | value |\n|---|---|---|")
     k = record.get("kernels", {})
