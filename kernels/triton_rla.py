@@ -322,12 +322,13 @@ def _rla_grad_kernel(
 # block) and "out_lowp" (bf16 operands in the output/dV products, for 16-bit inputs only; dq/dk keep
 # tf32, where sm2's backward cancels); "grad_*" row block and value block of the dq/dk kernel; warps and
 # stages. Overridable for tuning (kernels.bench --tune). Measured on the H200 at T=8192, w=512, fwd+bwd:
-# 8 warps 18.6 ms, 4 warps 13.3 ms; chunk 32 12.5 ms vs 64 13.2 ms (benchmarks/README.md).
+# 8 warps 18.6 ms, 4 warps 13.3 ms; chunk 32 12.5 ms vs 64 13.2 ms; then, axis by axis (kernels.bench
+# --tune): chunk-sum 4 warps, out_bv 128, bf16 output/dV operands, grad_bv 64: 10.1 ms (benchmarks/README.md).
 GPU_CFG = {
     "C": 32, "m": 16,
-    "sum_cb": 32, "sum_bv": 64, "sum_warps": 8,
-    "out_bm": 32, "out_cb": 32, "out_bk": 32, "out_bv": 64, "out_warps": 4, "out_stages": 2, "out_lowp": False,
-    "grad_bm": 32, "grad_cb": 32, "grad_bv": 32, "grad_warps": 4, "grad_stages": 2,
+    "sum_cb": 32, "sum_bv": 64, "sum_warps": 4,
+    "out_bm": 32, "out_cb": 32, "out_bk": 32, "out_bv": 128, "out_warps": 4, "out_stages": 2, "out_lowp": True,
+    "grad_bm": 32, "grad_cb": 32, "grad_bv": 64, "grad_warps": 4, "grad_stages": 2,
 }
 INTERP_CFG = {
     "C": 16, "m": 2,
