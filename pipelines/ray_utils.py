@@ -20,7 +20,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
         if address:
             ray.init(address=address, log_to_driver=True, **kwargs)
         else:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True, **kwargs)
+            # The dashboard (on 127.0.0.1) serves Ray's state API, which Ray Train's placement-group
+            # cleaner polls; without it the cleaner warns every few seconds and never exits.
+            ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+                     **kwargs)
     return ray.cluster_resources()
 
 
