@@ -43,6 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated, in the order to run")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train.json"))
     args = ap.parse_args()
 
@@ -59,7 +60,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, local_server(Path(tmp) / "mlflow") as uri:
         ds = random_dataset(Path(tmp) / "ds")
         init_ray(num_cpus=cores)
-        for kind in KINDS:
+        for kind in args.kinds.split(","):
             over = [f"data.path={ds}", *DEMO, f"model.kind={kind}", f"data.batch_size={args.batch}",
                     f"train.steps={args.steps}", "train.warmup_steps=2", "train.log_every=10",
                     "train.checkpoint_every=0", "eval.enabled=false", f"tracking.uri={uri}",
