@@ -59,7 +59,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp, local_server(Path(tmp) / "mlflow") as uri:
         ds = random_dataset(Path(tmp) / "ds")
-        init_ray(num_cpus=cores)
+        init_ray(num_cpus=cores, dashboard=True)
         for kind in args.kinds.split(","):
             over = [f"data.path={ds}", *DEMO, f"model.kind={kind}", f"data.batch_size={args.batch}",
                     f"train.steps={args.steps}", "train.warmup_steps=2", "train.log_every=10",

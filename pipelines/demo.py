@@ -42,6 +42,9 @@ def run_demo(workdir: str | Path = ".rattention/demo", steps: int = 120, window:
     print(f"[1/3] tokenizing the standard-library sources into {work / 'data' / 'stdlib'}", flush=True)
     manifest = prepare(make_config(sources=["stdlib"], out=str(work / "data" / "stdlib"), vocab_size=8192,
                                    num_cpus=num_cpus))
+    import ray
+
+    ray.shutdown()  # training starts its own local Ray, with the dashboard Ray Train needs
     rows: list[dict[str, Any]] = []
     with tracking.tracking_uri(None, work / "mlflow") as uri:
         c = tracking.client(uri)

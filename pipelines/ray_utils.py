@@ -6,12 +6,14 @@ import os
 from typing import Any
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: Any) -> dict[str, float]:
+def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False,
+             **kwargs: Any) -> dict[str, float]:
     """Connect to Ray once and return the cluster's resources.
 
     ``address`` (or ``RAY_ADDRESS``) joins an existing cluster; without either, a local Ray starts
-    with ``num_cpus`` logical CPUs (all of the machine's by default). A Ray that is already
-    initialised in this process is reused as it is.
+    with ``num_cpus`` logical CPUs (all of the machine's by default), and with its dashboard on
+    127.0.0.1 when ``dashboard`` (Ray Train needs it, see below; on 2 cores it costs the Ray Data
+    jobs a few percent). A Ray that is already initialised in this process is reused as it is.
     """
     import ray
 
@@ -26,8 +28,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, **kwargs: 
             os.environ.setdefault("RAY_worker_niceness", "0")
             # The dashboard (on 127.0.0.1) serves Ray's state API, which Ray Train's placement-group
             # cleaner polls; without it the cleaner warns every few seconds and never exits.
-            ray.init(num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
-                     **kwargs)
+            ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                     log_to_driver=True, **kwargs)
     return ray.cluster_resources()
 
 

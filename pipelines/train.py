@@ -129,7 +129,7 @@ def _fit(cfg: RunConfig, uri: str, config_path: str | Path | None, run_dir: str 
     print(f"run {name}: folder {rd.path}, MLflow run {run_id} at {uri}", flush=True)
     status, error, step = "FAILED", None, None
     try:
-        init_ray(cfg.ray.address)
+        init_ray(cfg.ray.address, dashboard=True)
         gpu = cfg.ray.gpus_per_worker > 0
         resources = {"CPU": cfg.ray.cpus_per_worker, **({"GPU": cfg.ray.gpus_per_worker} if gpu else {})}
         trainer = TorchTrainer(

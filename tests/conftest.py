@@ -73,7 +73,7 @@ def ray_local():
 
     from pipelines.ray_utils import init_ray
 
-    resources = init_ray(num_cpus=4)
+    resources = init_ray(num_cpus=4, dashboard=True)  # as pipelines.train starts it
     yield resources
     ray.shutdown()
 
