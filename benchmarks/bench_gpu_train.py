@@ -28,19 +28,15 @@ sys.path.insert(0, str(ROOT))
 
 import rattention.metrics as M  # noqa: E402
 from rattention.provenance import provenance  # noqa: E402
+from rattention.rundir import RunDir  # noqa: E402
 
 # NVLink multicast stays off on shared hosts (device README).
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 def read_losses(run_dir: Path) -> dict[int, float]:
-    """Logged training loss by step from the run folder's metrics.jsonl."""
-    losses = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "train/loss" in row:
-            losses[int(row["step"])] = float(row["train/loss"])
-    return losses
+    """Logged training loss by step, from the run folder."""
+    return {int(r["step"]): float(r[M.TRAIN_LOSS]) for r in RunDir(run_dir).metrics() if M.TRAIN_LOSS in r}
 
 
 def run_training(name: str, config: str, overrides: list[str], out: Path, nproc: int,
@@ -58,7 +54,7 @@ def run_training(name: str, config: str, overrides: list[str], out: Path, nproc:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         return {"name": name, "error": f"exit {proc.returncode}", "wall_s": wall}
-    results = json.loads((run_dir / "results.json").read_text())
+    results = RunDir(run_dir).results()
     return {"name": name, "results": results, "losses": read_losses(run_dir), "wall_s": wall}
 
 

@@ -21,8 +21,8 @@ def run_eval(path: str | Path, overrides: list[str] | None = None, device: str =
     p = Path(path)
     cfg, results, state = evaluate_path(p, overrides, device)
     step = int(state["step"])
-    folder = p if p.is_dir() and (p / "config.yaml").is_file() else (p.parent.parent if
-                                                                      p.parent.name == "checkpoints" else p.parent)
+    folder = p if p.is_dir() and RunDir(p).exists() else (p.parent.parent if p.parent.name == "checkpoints"
+                                                          else p.parent)
     out = folder / f"eval-step{step}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
     meta: dict[str, Any] = RunDir(folder).meta() if (folder / "meta.json").is_file() else {}

@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from rattention import metrics as M
 from rattention.errors import DataError
 from rattention.run_config import RunConfig, dump_run_config, load_run_config
 
@@ -36,15 +37,15 @@ class RunDir:
     # ----- paths -----------------------------------------------------------------------------------
     @property
     def config_path(self) -> Path:
-        return self.path / "config.yaml"
+        return self.path / M.ARTIFACT_CONFIG
 
     @property
     def metrics_path(self) -> Path:
-        return self.path / "metrics.jsonl"
+        return self.path / M.ARTIFACT_METRICS
 
     @property
     def results_path(self) -> Path:
-        return self.path / "results.json"
+        return self.path / M.ARTIFACT_RESULTS
 
     @property
     def checkpoints(self) -> Path:
