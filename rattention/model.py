@@ -74,13 +74,20 @@ class Attention(nn.Module):
         if kind == "rattention":
             self.norm_rla = nn.Parameter(torch.full((cfg.n_heads, cfg.head_dim), cfg.rla_norm_init))
 
-    # q/k for the softmax branch: QK-norm, then RoPE at absolute positions.
-    def _softmax_qk(self, x: torch.Tensor, norm: RMSNorm | None, positions: torch.Tensor) -> torch.Tensor:
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if not self.use_rope:
+            return None
+        dtype = torch.float64 if self.cfg.dtype == "float64" else torch.float32  # cast to q/k's dtype on use
+        return rope_cos_sin(positions, self.head_dim, self.cfg.rope_theta, dtype)
+
+    # q/k for the softmax branch: QK-norm, then RoPE (cos, sin at the absolute positions of x's rows).
+    def _softmax_qk(self, x: torch.Tensor, norm: RMSNorm | None,
+                    rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         if norm is not None:
             x = norm(x)
         if self.use_rope:
-            cos, sin = rope_cos_sin(positions, self.head_dim, self.cfg.rope_theta, x.dtype)
-            x = apply_rope(x, cos, sin)
+            cos, sin = rope
+            x = apply_rope(x, cos.to(x.dtype), sin.to(x.dtype))
         return x
 
     def _project(self, x: torch.Tensor):
@@ -90,14 +97,17 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         return q, k, v
 
-    def forward(self, x: torch.Tensor, cache: GlobalCache | LocalCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: GlobalCache | LocalCache | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """``rope``: cos, sin for positions 0..T-1 (the model computes them once for all layers)."""
         b, t, _ = x.shape
         if cache is not None and cache.length > 0:
             return torch.cat([self._step(x[:, i : i + 1], cache) for i in range(t)], dim=1)
         q_raw, k_raw, v = self._project(x)
-        pos = torch.arange(t, device=x.device)
-        q = self._softmax_qk(q_raw, self.q_norm, pos)
-        k = self._softmax_qk(k_raw, self.k_norm, pos)
+        if self.use_rope and rope is None:
+            rope = self._rope(torch.arange(t, device=x.device))
+        q = self._softmax_qk(q_raw, self.q_norm, rope)
+        k = self._softmax_qk(k_raw, self.k_norm, rope)
         if self.kind == "rattention":
             o = kernels.rattention(q, k, q_raw, k_raw, v, self.window, self.norm_swa, self.norm_rla,
                                    self.cfg.feature_map, self.cfg.norm_eps, chunk=self.cfg.rla_chunk)
@@ -114,15 +124,15 @@ class Attention(nn.Module):
         b = x.shape[0]
         p = cache.length
         q_raw, k_raw, v = self._project(x)
-        pos = torch.tensor([p], device=x.device)
-        q = self._softmax_qk(q_raw, self.q_norm, pos)
+        rope = self._rope(torch.tensor([p], device=x.device))
+        q = self._softmax_qk(q_raw, self.q_norm, rope)
         if isinstance(cache, GlobalCache):
-            cache.append(self._softmax_qk(k_raw, self.k_norm, pos), v)
+            cache.append(self._softmax_qk(k_raw, self.k_norm, rope), v)
             o = kernels.attention_decode(q, cache.k, cache.v)
         else:
             cache.append(k_raw, v, self.cfg.feature_map)
             slot_pos = cache.slot_positions()
-            keys = self._softmax_qk(cache.k, self.k_norm, slot_pos.clamp(min=0))
+            keys = self._softmax_qk(cache.k, self.k_norm, self._rope(slot_pos.clamp(min=0)))
             o = kernels.attention_decode(q, keys, cache.v, valid=slot_pos >= 0)
             if self.kind == "rattention":
                 o_rla = kernels.rla_decode(q_raw, cache.state, self.cfg.feature_map)
@@ -157,8 +167,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cache=None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cache)
+    def forward(self, x: torch.Tensor, cache=None, rope=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cache, rope)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -190,8 +200,13 @@ class LM(nn.Module):
     def forward(self, tokens: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
         """Logits (B, T, V) for tokens (B, T). With a cache: prefill an empty one, or extend it."""
         x = self.embed(tokens)
+        rope = None
+        if cache is None or cache.length == 0:  # one parallel pass: the same angles serve every layer
+            attn = next((blk.attn for blk in self.blocks if blk.attn.use_rope), None)
+            if attn is not None:
+                rope = attn._rope(torch.arange(tokens.shape[1], device=tokens.device))
         for i, block in enumerate(self.blocks):
-            x = block(x, None if cache is None else cache.layers[i])
+            x = block(x, None if cache is None else cache.layers[i], rope)
         if cache is not None:
             cache.length += tokens.shape[1]
         return self.lm_head(self.norm(x))
