@@ -14,7 +14,10 @@ _ROOT = Path(__file__).resolve().parent.parent
 
 
 def git_commit(short: bool = False) -> str:
-    """The checkout's HEAD commit (with '+dirty' when the tree has changes), or 'unknown'."""
+    """``GIT_COMMIT`` when set (a copy without .git, e.g. on a GPU box; kernels.bench reads the same
+    variable), else the checkout's HEAD (with '+dirty' when the tree has changes), else 'unknown'."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     try:
         args = ["git", "-C", str(_ROOT), "rev-parse", "--short" if short else "--verify", "HEAD"]
         sha = subprocess.run(args, capture_output=True, text=True, check=True, timeout=10).stdout.strip()
@@ -22,7 +25,7 @@ def git_commit(short: bool = False) -> str:
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("RATTENTION_GIT_COMMIT", "unknown")
+        return "unknown"
 
 
 def device_name() -> str:
