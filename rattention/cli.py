@@ -15,6 +15,20 @@ import typer
 from rattention.errors import ConfigError, RattentionError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+def _prepare_default(name: str):
+    """A ``rattention data prepare`` option's default: the job config's, so the two cannot drift."""
+    from pipelines.tokenize import PrepareConfig
+
+    return PrepareConfig.model_fields[name].default
+
+
+def _synth_default(name: str):
+    """A ``rattention data synth`` option's default, from the job config."""
+    from pipelines.synth import SynthConfig
+
+    return SynthConfig.model_fields[name].default
+
+
 data_app = typer.Typer(no_args_is_help=True, help="Build datasets: tokenized WebDataset shards.")
 app.add_typer(data_app, name="data")
 
@@ -28,13 +42,21 @@ def data_prepare(
         None, help="'stdlib' (default), files, folders or globs (.txt .md .py .jsonl .parquet), or hf:NAME"
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Dataset folder to create."),
-    vocab_size: int = typer.Option(8192, help="BPE vocabulary size when training a tokenizer."),
+    vocab_size: int = typer.Option(
+        _prepare_default("vocab_size"), help="BPE vocabulary size when training a tokenizer."
+    ),
     tokenizer: Path | None = typer.Option(None, help="Use this tokenizer.json instead of training one."),
-    tokenizer_sample_mb: float = typer.Option(16.0, help="MB of corpus text to train the tokenizer on."),
-    val_fraction: float = typer.Option(0.05, help="Fraction of documents (by id hash) in the val split."),
-    shard_tokens: int = typer.Option(500_000, help="Tokens per shard (a shard closes past this)."),
-    text_field: str = typer.Option("text", help="The text field of .jsonl records."),
-    parquet_column: str = typer.Option("text", help="The text column of .parquet files."),
+    tokenizer_sample_mb: float = typer.Option(
+        _prepare_default("tokenizer_sample_mb"), help="MB of corpus text to train the tokenizer on."
+    ),
+    val_fraction: float = typer.Option(
+        _prepare_default("val_fraction"), help="Fraction of documents (by id hash) in the val split."
+    ),
+    shard_tokens: int = typer.Option(
+        _prepare_default("shard_tokens"), help="Tokens per shard (a shard closes past this)."
+    ),
+    text_field: str = typer.Option(_prepare_default("text_field"), help="The text field of .jsonl records."),
+    parquet_column: str = typer.Option(_prepare_default("parquet_column"), help="The text column of .parquet files."),
     max_files: int | None = typer.Option(None, help="Take only this many files per source (spread evenly)."),
     num_cpus: int | None = typer.Option(None, help="Tokenizer actors (and local Ray CPUs); default all."),
     address: str | None = typer.Option(None, help="Ray cluster address (else RAY_ADDRESS, else local Ray)."),
@@ -68,17 +90,17 @@ def _parse_params(items: list[str]) -> dict:
 def data_synth(
     kind: str = typer.Argument(..., help="mqar | niah | passkey | vt"),
     out: Path = typer.Option(..., "--out", "-o", help="Dataset folder to create."),
-    samples: int = typer.Option(1000, help="Number of task instances."),
-    seq_len: int = typer.Option(1024, help="Tokens per instance."),
-    seed: int = typer.Option(0, help="Instance i depends only on (seed, i)."),
-    split: str = typer.Option("test", help="Split name of the shards."),
+    samples: int = typer.Option(_synth_default("samples"), help="Number of task instances."),
+    seq_len: int = typer.Option(_synth_default("seq_len"), help="Tokens per instance."),
+    seed: int = typer.Option(_synth_default("seed"), help="Instance i depends only on (seed, i)."),
+    split: str = typer.Option(_synth_default("split"), help="Split name of the shards."),
     vocab_size: int | None = typer.Option(None, help="Vocabulary size (EOS = 0), when no --like."),
     like: Path | None = typer.Option(None, help="A prepared dataset: use its tokenizer, vocab and EOS."),
-    haystack: str = typer.Option("noise", help="Filler: noise | repeat | corpus (text of --like)."),
+    haystack: str = typer.Option(_synth_default("haystack"), help="Filler: noise | repeat | corpus (text of --like)."),
     param: list[str] = typer.Option(
         None, "--param", "-p", help="Task parameter KEY=VALUE, repeatable: num_pairs=16 gap=512 depth=0.5"
     ),
-    shard_tokens: int = typer.Option(1_000_000, help="Tokens per shard."),
+    shard_tokens: int = typer.Option(_synth_default("shard_tokens"), help="Tokens per shard."),
     num_cpus: int | None = typer.Option(None, help="Ray CPUs for generation; default all."),
     address: str | None = typer.Option(None, help="Ray cluster address (else RAY_ADDRESS, else local Ray)."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if the folder is up to date."),
