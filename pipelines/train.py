@@ -29,9 +29,6 @@ STATE_FILE = "state.pt"
 class RayCheckpointer:
     """Checkpoints through Ray Train: rank 0 writes ``state.pt`` into a folder and reports it."""
 
-    def __init__(self, keep_dir: Path | None = None):
-        self.keep_dir = keep_dir  # local mode: keep the folders here (Ray does not copy them)
-
     def load_latest(self) -> dict[str, Any] | None:
         import ray.train
 
