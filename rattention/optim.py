@@ -11,14 +11,16 @@ from rattention.run_config import TrainConfig
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on 2-D weights (projections, embeddings), none on norm scales."""
+    """AdamW; weight decay on projection and embedding matrices, none on norm scales (including
+    RAttention's per-head (H, D) output-norm scales, which are 2-D but scales all the same)."""
     decay, no_decay = [], []
     seen: set[int] = set()
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:  # tied embeddings appear once
             continue
         seen.add(id(p))
-        (decay if p.dim() >= 2 else no_decay).append(p)
+        is_scale = p.dim() < 2 or name.rsplit(".", 1)[-1].startswith("norm_")
+        (no_decay if is_scale else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
 

@@ -10,9 +10,11 @@ import torch
 
 from rattention import metrics as M
 from rattention.checkpoint import LocalCheckpointer
+from rattention.config import ModelConfig
 from rattention.errors import ConfigError, TrainingError
-from rattention.optim import WarmupCosine
-from rattention.run_config import load_run_config
+from rattention.model import LM
+from rattention.optim import WarmupCosine, build_optimizer
+from rattention.run_config import TrainConfig, load_run_config
 from rattention.rundir import RunDir
 from rattention.train import Faults, run_local
 from tests.conftest import tiny_run_config
@@ -51,6 +53,18 @@ def test_overrides_parse_yaml_values(tmp_path: Path) -> None:
     assert cfg.flat()["train.steps"] == 20
     with pytest.raises(ConfigError, match="config file not found"):
         load_run_config(tmp_path / "missing.yaml")
+
+
+def test_weight_decay_on_matrices_only() -> None:
+    model = LM(ModelConfig(vocab_size=64, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8, kind="rattention"))
+    decay, no_decay = build_optimizer(model, TrainConfig(weight_decay=0.1)).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)].rsplit(".", 1)[-1] for p in decay["params"]}
+    kept = {names[id(p)].rsplit(".", 1)[-1] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {"norm_swa", "norm_rla"} <= kept and "weight" in kept  # RMSNorm weights
+    assert not decayed & {"norm_swa", "norm_rla"}
+    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params()
 
 
 def test_warmup_then_cosine() -> None:
