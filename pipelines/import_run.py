@@ -40,11 +40,7 @@ def _import(rd: RunDir, uri: str, experiment: str) -> str:
     start_ms = int(1000 * meta.get("created", rows[0]["time"] if rows else 0)) or None
     run = c.create_run(exp_id, run_name=rd.path.name, tags=tags, start_time=start_ms)
     run_id = run.info.run_id
-    from mlflow.entities import Param
-
-    params = [Param(k, tracking._param(v)) for k, v in cfg.flat().items()]
-    for i in range(0, len(params), 100):
-        c.log_batch(run_id, params=params[i : i + 100])
+    tracking.log_params(c, run_id, cfg.flat())
     for row in rows:
         tracking.log_metrics(c, run_id, int(row["step"]), {k: v for k, v in row.items() if k != "time"},
                              timestamp_ms=int(1000 * row["time"]))

@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from rattention import metrics as M
 from rattention.errors import ConfigError, RattentionError
 
 SERVER_FILE = "server.json"
@@ -131,17 +130,18 @@ def experiment_id(c: Any, name: str) -> str:
 
 def start_run(c: Any, experiment: str, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
     """Create a RUNNING run with tags and the flattened config as params; return its id."""
-    from mlflow.entities import Param
-
     run = c.create_run(experiment_id(c, experiment), run_name=run_name, tags=tags)
-    items = [Param(k, _param(v)) for k, v in params.items()]
-    for i in range(0, len(items), 100):
-        c.log_batch(run.info.run_id, params=items[i : i + 100])
+    log_params(c, run.info.run_id, params)
     return run.info.run_id
 
 
-def _param(v: Any) -> str:
-    return json.dumps(v) if isinstance(v, list | dict) else str(v)
+def log_params(c: Any, run_id: str, params: dict[str, Any]) -> None:
+    """Log params in batches of 100 (MLflow's limit per request); lists and dicts as JSON."""
+    from mlflow.entities import Param
+
+    items = [Param(k, json.dumps(v) if isinstance(v, list | dict) else str(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[i : i + 100])
 
 
 class MlflowSink:
@@ -176,5 +176,3 @@ def log_artifact(c: Any, run_id: str, path: str | Path) -> None:
     if Path(path).is_file():
         c.log_artifact(run_id, str(path))
 
-
-TRACKING_TAGS = (M.TAG_KIND, M.TAG_WINDOW, M.TAG_GIT_COMMIT, M.TAG_DATASET)
