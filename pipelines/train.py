@@ -23,8 +23,6 @@ from rattention import metrics as M
 from rattention.errors import RattentionError, TrainingError
 from rattention.run_config import RunConfig, load_run_config, parse_run_config
 
-STATE_FILE = "state.pt"
-
 
 class RayCheckpointer:
     """Checkpoints through Ray Train: rank 0 writes ``state.pt`` into a folder and reports it."""
@@ -32,7 +30,7 @@ class RayCheckpointer:
     def load_latest(self) -> dict[str, Any] | None:
         import ray.train
 
-        from rattention.checkpoint import load_checkpoint
+        from rattention.checkpoint import STATE_FILE, load_checkpoint
 
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
@@ -43,7 +41,7 @@ class RayCheckpointer:
     def save(self, step: int, state: dict[str, Any] | None, metrics: dict[str, float]) -> None:
         import ray.train
 
-        from rattention.checkpoint import save_checkpoint
+        from rattention.checkpoint import STATE_FILE, save_checkpoint
 
         if state is None:
             ray.train.report(metrics)
@@ -138,7 +136,7 @@ def _fit(cfg: RunConfig, uri: str, config_path: str | Path | None, run_dir: str 
                 num_workers=0 if cfg.ray.local_mode else cfg.ray.workers, use_gpu=gpu,
                 resources_per_worker=None if cfg.ray.local_mode else resources),
             run_config=ray.train.RunConfig(
-                name=name, storage_path=str(rd.path / "ray"),
+                name=name, storage_path=str(rd.ray_storage),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.ray.max_failures),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
         )

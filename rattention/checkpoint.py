@@ -20,6 +20,7 @@ import torch
 from rattention.errors import TrainingError
 
 FORMAT = 1
+STATE_FILE = "state.pt"  # the file inside a checkpoint folder (Ray Train checkpoints)
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
 

@@ -26,10 +26,11 @@ import torch.nn.functional as F
 
 from rattention import metrics as M
 from rattention.cache import cache_bytes
-from rattention.checkpoint import LocalCheckpointer, load_checkpoint
+from rattention.checkpoint import STATE_FILE, load_checkpoint
 from rattention.errors import DataError
 from rattention.model import LM, count_params
 from rattention.run_config import RunConfig, parse_run_config
+from rattention.rundir import RunDir
 
 Model = Callable[[torch.Tensor], torch.Tensor]  # tokens (B, T) -> logits (B, T, V)
 
@@ -262,17 +263,17 @@ def evaluate(model: LM, cfg: RunConfig, train_tokens_per_s: float | None = None,
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[RunConfig, LM, dict[str, Any]]:
     """A model from a run folder (its newest checkpoint), a checkpoint file, or a Ray checkpoint folder."""
     p = Path(path)
-    if p.is_dir() and (p / "checkpoints").is_dir():
-        paths = LocalCheckpointer(p / "checkpoints").paths()
-        if not paths:
-            raise DataError(f"{p}: run folder has no checkpoints")
-        p = paths[-1]
-    elif p.is_dir() and (p / "state.pt").is_file():
-        p = p / "state.pt"
-    elif not p.exists():
+    if not p.exists():
         raise DataError(f"{p}: no such run folder or checkpoint")
+    if p.is_dir() and (p / STATE_FILE).is_file():
+        p = p / STATE_FILE
+    elif p.is_dir() and RunDir(p).exists():
+        latest = RunDir(p).latest_checkpoint()
+        if latest is None:
+            raise DataError(f"{p}: run folder has no checkpoints (checkpoints/ or Ray Train's ray/)")
+        p = latest
     elif p.is_dir():
-        raise DataError(f"{p}: neither a run folder (checkpoints/) nor a checkpoint folder (state.pt)")
+        raise DataError(f"{p}: neither a run folder (config.yaml) nor a checkpoint folder ({STATE_FILE})")
     state = load_checkpoint(p, map_location="cpu")
     cfg = parse_run_config(state["config"])
     model = LM(cfg.model)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from rattention import metrics as M
+from rattention.checkpoint import STATE_FILE, LocalCheckpointer
 from rattention.errors import DataError
 from rattention.run_config import RunConfig, dump_run_config, load_run_config
 
@@ -49,7 +50,22 @@ class RunDir:
 
     @property
     def checkpoints(self) -> Path:
+        """Checkpoint files of runs without Ray (and of Ray Train's local mode)."""
         return self.path / "checkpoints"
+
+    @property
+    def ray_storage(self) -> Path:
+        """Ray Train's storage for this run: ``<name>/checkpoint_<time>/state.pt`` folders."""
+        return self.path / "ray"
+
+    def latest_checkpoint(self) -> Path | None:
+        """The newest checkpoint file, wherever the run kept it: ``checkpoints/`` or Ray Train's storage."""
+        local = LocalCheckpointer(self.checkpoints).paths()
+        if local:
+            return local[-1]
+        # Ray names checkpoint folders by time, so the name order is the save order.
+        ray = sorted(self.ray_storage.glob(f"*/checkpoint_*/{STATE_FILE}"), key=lambda p: p.parent.name)
+        return ray[-1] if ray else None
 
     # ----- writing ---------------------------------------------------------------------------------
     def create(self, cfg: RunConfig, tags: dict[str, str]) -> None:

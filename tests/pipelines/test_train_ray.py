@@ -14,6 +14,7 @@ from pipelines.tracking import SERVER_FILE, tracking_uri
 from pipelines.train import fit
 from rattention import metrics as M
 from rattention.errors import TrainingError
+from rattention.evaluate import load_model
 from rattention.rundir import RunDir
 from rattention.train import run_local
 from tests.conftest import tiny_run_config
@@ -62,6 +63,9 @@ def test_two_ddp_workers_on_gloo(train_dataset: Path, mlflow_server: str, ray_lo
     tokens = c.get_metric_history(run.info.run_id, M.TRAIN_TOKENS)
     assert max(m.value for m in tokens) == 16 * 2 * 4 * 32  # two ranks' batches per step
     assert M.VAL_LOSS in run.data.metrics
+    # `rattention eval RUN` finds the final checkpoint in Ray Train's storage inside the run folder
+    cfg_back, _, state = load_model(tmp_path / "run")
+    assert state["step"] == 16 and cfg_back.model == cfg.model
 
 
 def test_worker_that_dies_once_resumes_from_checkpoint(train_dataset: Path, mlflow_server: str, ray_local,
