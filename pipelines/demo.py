@@ -32,6 +32,8 @@ def variants(window: int) -> list[tuple[str, list[str]]]:
 def run_demo(workdir: str | Path = ".rattention/demo", steps: int = 120, window: int = 32,
              num_cpus: int | None = None) -> list[dict[str, Any]]:
     """Run the demo; return one results dict per model (also printed as a table)."""
+    import ray
+
     from pipelines import tracking
     from pipelines.tokenize import make_config, prepare
     from pipelines.train import fit
@@ -42,8 +44,6 @@ def run_demo(workdir: str | Path = ".rattention/demo", steps: int = 120, window:
     print(f"[1/3] tokenizing the standard-library sources into {work / 'data' / 'stdlib'}", flush=True)
     manifest = prepare(make_config(sources=["stdlib"], out=str(work / "data" / "stdlib"), vocab_size=8192,
                                    num_cpus=num_cpus))
-    import ray
-
     ray.shutdown()  # training starts its own local Ray, with the dashboard Ray Train needs
     rows: list[dict[str, Any]] = []
     with tracking.tracking_uri(None, work / "mlflow") as uri:
