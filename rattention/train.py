@@ -87,11 +87,17 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def init_distributed() -> None:
-    """Join the process group torchrun describes (WORLD_SIZE > 1); gloo on CPU, NCCL on GPU."""
+def init_distributed(device: torch.device) -> None:
+    """Join the process group torchrun describes (WORLD_SIZE > 1): NCCL bound to this rank's GPU, else gloo.
+
+    Binding the device matters: without it every rank's first collective runs on GPU 0 and NCCL
+    refuses ("Duplicate GPU detected").
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
 
 
 def pick_device(name: str) -> torch.device:
@@ -342,7 +348,7 @@ def run_local(cfg: RunConfig, run_dir: str | Path | None = None, stop_after: int
     from rattention.evaluate import evaluate
     from rattention.rundir import RunDir
 
-    init_distributed()
+    init_distributed(pick_device(cfg.train.device))
     rank, _ = rank_world()
     path = [str(run_dir or Path(cfg.train.out_dir) / default_run_name(cfg))]
     if dist.is_initialized():
