@@ -4,7 +4,8 @@
    the torch path (``RATTENTION_KERNELS=torch``), same seed and data: the loss curves must match.
 2. ``ddp``: the ~125M model of ``configs/gpu-125m-ddp.yaml`` (T=8192, w=512, bf16) on 1 GPU against
    2 GPUs (torchrun, NCCL) at the same global batch, for ``rattention`` and ``full``: tokens/s,
-   scaling efficiency, and the loss after N steps.
+   scaling efficiency, and the validation loss after N steps, with a second 1-GPU seed as the noise
+   reference for "the same loss".
 
     python benchmarks/bench_gpu_train.py --data data/stdlib-32k --parts kernels,ddp --out results-dir
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -43,6 +45,7 @@ def run_training(name: str, config: str, overrides: list[str], out: Path, nproc:
                  env_extra: dict[str, str] | None = None) -> dict:
     """One training run (torchrun when nproc > 1); returns its results, losses and wall time."""
     run_dir = out / name
+    shutil.rmtree(run_dir, ignore_errors=True)  # a benchmark run starts fresh, never resumes an old folder
     cmd = [sys.executable, "-m", "rattention.train", config, *overrides, "--run-dir", str(run_dir)]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -77,24 +80,36 @@ def part_kernels(args, out: Path) -> dict:
 
 
 def part_ddp(args, out: Path) -> dict:
+    """1 GPU against 2 at the same global batch; a second 1-GPU seed gives the loss noise to compare with."""
     cfg = "configs/gpu-125m-ddp.yaml"
     rec: dict = {"runs": {}}
-    gpus = (1, 2) if torch.cuda.device_count() >= 2 else (1,)  # one GPU: the 1-GPU baseline only
+    two = torch.cuda.device_count() >= 2  # one GPU: the 1-GPU rows only
+    # validation loss on the fixed val split is the quality figure: less noisy than the last training batches
+    ev = ["eval.enabled=true", f"eval.val_batches={args.val_batches}", "eval.decode_tokens=0", "eval.copy_samples=4"]
     for kind in args.kinds.split(","):
-        for nproc in gpus:
-            # the same global batch: 1 GPU accumulates two micro-batches where 2 GPUs take one each
-            ov = [f"data.path={args.data}", f"model.kind={kind}", f"train.steps={args.ddp_steps}",
-                  f"train.grad_accum={2 // nproc}", f"data.batch_size={args.batch}"]
-            rec["runs"][f"{kind}-{nproc}gpu"] = run_training(f"ddp-{kind}-{nproc}gpu", cfg, ov, out, nproc)
-        one, two = rec["runs"][f"{kind}-1gpu"], rec["runs"].get(f"{kind}-2gpu", {})
-        if "results" in one and "results" not in two:
-            rec[kind] = {"tokens_per_s_1gpu": one["results"][M.TRAIN_THROUGHPUT],
-                         "final_loss_1gpu": one["losses"][max(one["losses"])]}
-        if "results" in one and "results" in two:
-            t1, t2 = one["results"][M.TRAIN_THROUGHPUT], two["results"][M.TRAIN_THROUGHPUT]
-            l1, l2 = one["losses"][max(one["losses"])], two["losses"][max(two["losses"])]
-            rec[kind] = {"tokens_per_s_1gpu": t1, "tokens_per_s_2gpu": t2, "speedup": t2 / t1,
-                         "scaling_efficiency": t2 / (2 * t1), "final_loss_1gpu": l1, "final_loss_2gpu": l2}
+        # the same global batch: 1 GPU accumulates two micro-batches where 2 GPUs take one each
+        base = [f"data.path={args.data}", f"model.kind={kind}", f"train.steps={args.ddp_steps}",
+                f"data.batch_size={args.batch}", *ev]
+        plan = {"1gpu": (1, ["train.grad_accum=2"]), "1gpu-seed1": (1, ["train.grad_accum=2", "train.seed=1"])}
+        if two:
+            plan["2gpu"] = (2, ["train.grad_accum=1"])
+        runs = {k: run_training(f"ddp-{kind}-{k}", cfg, base + ov, out, n) for k, (n, ov) in plan.items()}
+        rec["runs"].update({f"{kind}-{k}": r for k, r in runs.items()})
+        if not all("results" in r for r in runs.values()):
+            continue
+        r1 = runs["1gpu"]
+        row = {"tokens_per_s_1gpu": r1["results"][M.TRAIN_THROUGHPUT],
+               "train_loss_1gpu": r1["losses"][max(r1["losses"])],
+               "val_loss_1gpu": r1["results"][M.VAL_LOSS],
+               "val_loss_1gpu_seed1": runs["1gpu-seed1"]["results"][M.VAL_LOSS]}
+        row["seed_noise"] = abs(row["val_loss_1gpu"] - row["val_loss_1gpu_seed1"])
+        if two:
+            r2 = runs["2gpu"]
+            t1, t2 = row["tokens_per_s_1gpu"], r2["results"][M.TRAIN_THROUGHPUT]
+            row.update({"tokens_per_s_2gpu": t2, "speedup": t2 / t1, "scaling_efficiency": t2 / (2 * t1),
+                        "train_loss_2gpu": r2["losses"][max(r2["losses"])], "val_loss_2gpu": r2["results"][M.VAL_LOSS]})
+            row["val_loss_gap_2gpu"] = abs(row["val_loss_2gpu"] - row["val_loss_1gpu"])
+        rec[kind] = row
     return rec
 
 
@@ -106,6 +121,7 @@ def main() -> None:
     ap.add_argument("--kernel-steps", type=int, default=40)
     ap.add_argument("--ddp-steps", type=int, default=40)
     ap.add_argument("--batch", type=int, default=2, help="sequences per micro-batch per GPU")
+    ap.add_argument("--val-batches", type=int, default=16, help="validation batches for the loss comparison")
     ap.add_argument("--out", default="benchmarks/results/gpu-train")
     ap.add_argument("--runs-dir", default=None, help="run folders (checkpoints included); default: --out")
     args = ap.parse_args()
@@ -133,14 +149,18 @@ def main() -> None:
     for kind, r in record.get("ddp", {}).items():
         if kind == "runs":
             continue
+        print(f"| ddp {kind} | val loss 1 GPU, seed 0 / seed 1 (seed noise) | {r['val_loss_1gpu']:.4f} / "
+              f"{r['val_loss_1gpu_seed1']:.4f} ({r['seed_noise']:.4f}) |")
         if "tokens_per_s_2gpu" not in r:
             print(f"| ddp {kind} | tokens/s 1 GPU (2 GPUs not present) | {r['tokens_per_s_1gpu']:,.0f} |")
-            print(f"| ddp {kind} | loss at the last step, 1 GPU | {r['final_loss_1gpu']:.4f} |")
             continue
         t1, t2 = r["tokens_per_s_1gpu"], r["tokens_per_s_2gpu"]
         print(f"| ddp {kind} | tokens/s 1 GPU / 2 GPUs | {t1:,.0f} / {t2:,.0f} |")
         print(f"| ddp {kind} | speedup (efficiency) | {r['speedup']:.2f}x ({r['scaling_efficiency']:.0%}) |")
-        print(f"| ddp {kind} | final loss 1 GPU / 2 GPUs | {r['final_loss_1gpu']:.4f} / {r['final_loss_2gpu']:.4f} |")
+        print(f"| ddp {kind} | val loss 1 GPU / 2 GPUs (gap) | {r['val_loss_1gpu']:.4f} / {r['val_loss_2gpu']:.4f} "
+              f"({r['val_loss_gap_2gpu']:.4f}) |")
+        print(f"| ddp {kind} | train loss, last 10 steps, 1 GPU / 2 GPUs | {r['train_loss_1gpu']:.4f} / "
+              f"{r['train_loss_2gpu']:.4f} |")
     for part in ("kernels", "ddp"):
         for name, r in record.get(part, {}).get("runs", {}).items():
             if "error" in r:
