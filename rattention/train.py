@@ -235,8 +235,9 @@ def train(
             print(f"resumed from step {step}", flush=True)
     model: nn.Module = torch.compile(raw) if tc.compile else raw
     if world > 1:
+        # gradients live in the all-reduce buckets: no copy into and out of them each step
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                    else None)
+                                                    else None, gradient_as_bucket_view=True)
 
     batch_tokens = cfg.data.batch_size * cfg.seq_len * tc.grad_accum * world
     data: Iterator = iter(loader)
@@ -262,17 +263,19 @@ def train(
             loss_sum += loss.detach()
         if world > 1:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        loss_val = float(loss_sum)
-        if not math.isfinite(loss_val):
-            raise TrainingError(f"step {step + 1}: loss is {loss_val}; training stopped "
-                                f"(lower train.lr={tc.lr:g} or check the data)")
         max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(raw.parameters(), max_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), max_norm)  # read at log time only
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
+        # One host sync per step, after the optimizer is queued, so the GPU never waits on the host
+        # in between. A non-finite loss ends the run here, before any checkpoint of this step.
+        loss_val = float(loss_sum)
+        if not math.isfinite(loss_val):
+            raise TrainingError(f"step {step}: loss is {loss_val}; training stopped "
+                                f"(lower train.lr={tc.lr:g} or check the data)")
         tokens += batch_tokens
         losses[step] = loss_val
         interval_loss += loss_val
@@ -284,6 +287,7 @@ def train(
         if step % tc.log_every == 0 or step == tc.steps:
             now = time.perf_counter()
             tps = interval_steps * batch_tokens / max(1e-9, now - interval_t0)
+            grad_norm = float(grad_norm)
             row = {M.TRAIN_LOSS: interval_loss / interval_steps, M.TRAIN_LR: lr, M.TRAIN_GRAD_NORM: grad_norm,
                    M.TRAIN_TOKENS: float(tokens), M.TRAIN_TOKENS_PER_S: tps,
                    **(sampler.sample() if cfg.tracking.system_metrics else {})}
