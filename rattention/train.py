@@ -33,7 +33,7 @@ from rattention.checkpoint import FORMAT, Checkpointer, LocalCheckpointer, captu
 from rattention.errors import ConfigError, TrainingError
 from rattention.model import LM
 from rattention.optim import build_optimizer, build_scheduler
-from rattention.run_config import RunConfig
+from rattention.run_config import RunConfig, TrainConfig
 
 Sink = Callable[[int, dict[str, float]], None]
 
@@ -187,6 +187,48 @@ def run_tags(cfg: RunConfig) -> dict[str, str]:
             M.TAG_DATASET: dataset_fingerprint(cfg.data.path)}
 
 
+# ----- one step ---------------------------------------------------------------------------------------
+
+def wrap_model(raw: nn.Module, tc: TrainConfig, device: torch.device, world: int) -> nn.Module:
+    """The module the loop calls: ``raw`` compiled when ``train.compile``, in DDP when world > 1."""
+    model: nn.Module = torch.compile(raw) if tc.compile else raw
+    if world > 1:
+        # gradients live in the all-reduce buckets: no copy into and out of them each step
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                    else None, gradient_as_bucket_view=True)
+    return model
+
+
+def train_step(model: nn.Module, raw: nn.Module, opt: torch.optim.Optimizer, sched: Any, data: Iterator,
+               tc: TrainConfig, device: torch.device, poison: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over ``tc.grad_accum`` micro-batches from ``data``; gradients all-reduced once.
+
+    Queues everything and returns the (rank-averaged) loss and the gradient norm as device tensors,
+    with no host sync: the caller reads them. ``poison`` multiplies the loss by NaN (fault injection).
+    """
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(tc.grad_accum):
+        inputs, targets = next(data)
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        sync = world == 1 or micro == tc.grad_accum - 1
+        ctx = contextlib.nullcontext() if sync else model.no_sync()
+        with ctx, autocast(device):
+            loss = lm_loss(model(inputs), targets) / tc.grad_accum
+            if poison:
+                loss = loss * float("nan")
+            loss.backward()
+        loss_sum += loss.detach()
+    if world > 1:
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+    max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), max_norm)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
+
+
 # ----- the loop ---------------------------------------------------------------------------------------
 
 def train(
@@ -233,11 +275,7 @@ def train(
             s(step, {M.TRAIN_RESUMED_AT: float(step)})
         if rank == 0 and progress:
             print(f"resumed from step {step}", flush=True)
-    model: nn.Module = torch.compile(raw) if tc.compile else raw
-    if world > 1:
-        # gradients live in the all-reduce buckets: no copy into and out of them each step
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                    else None, gradient_as_bucket_view=True)
+    model = wrap_model(raw, tc, device, world)
 
     batch_tokens = cfg.data.batch_size * cfg.seq_len * tc.grad_accum * world
     data: Iterator = iter(loader)
@@ -249,26 +287,9 @@ def train(
     model.train()
     while step < tc.steps:
         faults.maybe_crash(step + 1, rank)
-        loss_sum = torch.zeros((), device=device)
-        for micro in range(tc.grad_accum):
-            inputs, targets = next(data)
-            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            sync = world == 1 or micro == tc.grad_accum - 1
-            ctx = contextlib.nullcontext() if sync else model.no_sync()
-            with ctx, autocast(device):
-                loss = lm_loss(model(inputs), targets) / tc.grad_accum
-                if faults.nan_at_step == step + 1:
-                    loss = loss * float("nan")
-                loss.backward()
-            loss_sum += loss.detach()
-        if world > 1:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), max_norm)  # read at log time only
         lr = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        loss_sum, grad_norm = train_step(model, raw, opt, sched, data, tc, device,
+                                         poison=faults.nan_at_step == step + 1)
         step += 1
         # One host sync per step, after the optimizer is queued, so the GPU never waits on the host
         # in between. A non-finite loss ends the run here, before any checkpoint of this step.
