@@ -24,7 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from rattention.model import LM  # noqa: E402
 from rattention.optim import build_optimizer, build_scheduler  # noqa: E402
 from rattention.run_config import load_run_config  # noqa: E402
-from rattention.train import init_distributed, pick_device, rank_world, train_step, wrap_model  # noqa: E402
+from rattention.train import (  # noqa: E402
+    LaggedReadings,
+    init_distributed,
+    pick_device,
+    rank_world,
+    train_step,
+    wrap_model,
+)
 
 
 def random_batches(vocab: int, batch: int, seq_len: int, seed: int):
@@ -55,20 +62,22 @@ def main() -> None:
     model = wrap_model(raw, tc, device, world)
     data = random_batches(cfg.model.vocab_size, cfg.data.batch_size, cfg.seq_len, tc.seed + rank)
     model.train()
+    readings = LaggedReadings()
 
-    def step() -> None:
+    def step(keep: int = 1) -> None:
         loss, _ = train_step(model, raw, opt, sched, data, tc, device)
-        float(loss)  # the loop's one host sync per step
+        readings.push(0, loss)
+        readings.pop(keep)  # as the loop does: the loss is read a step late
 
     for _ in range(args.warmup):
-        step()
+        step(keep=0)
     acts = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         acts.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=acts) as prof:
         t0 = time.perf_counter()
-        for _ in range(args.steps):
-            step()
+        for i in range(args.steps):
+            step(keep=0 if i == args.steps - 1 else 1)
         wall = (time.perf_counter() - t0) / args.steps
     if args.trace:
         Path(args.trace).mkdir(parents=True, exist_ok=True)

@@ -210,6 +210,8 @@ def train_step(model: nn.Module, raw: nn.Module, opt: torch.optim.Optimizer, sch
     loss_sum = torch.zeros((), device=device)
     for micro in range(tc.grad_accum):
         inputs, targets = next(data)
+        if device.type == "cuda":  # a copy from pageable memory would first wait for the GPU to drain
+            inputs, targets = inputs.pin_memory(), targets.pin_memory()
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         sync = world == 1 or micro == tc.grad_accum - 1
         ctx = contextlib.nullcontext() if sync else model.no_sync()
@@ -227,6 +229,34 @@ def train_step(model: nn.Module, raw: nn.Module, opt: torch.optim.Optimizer, sch
     sched.step()
     opt.zero_grad(set_to_none=True)
     return loss_sum, grad_norm
+
+
+class LaggedReadings:
+    """Device values read on the host a step late: each is copied to pinned host memory as soon as it is
+    queued, with an event, so reading one waits for that point of the stream only, not for the work
+    queued after it."""
+
+    def __init__(self) -> None:
+        self._queue: list[tuple[int, torch.Tensor, torch.cuda.Event | None]] = []
+
+    def push(self, step: int, values: torch.Tensor) -> None:
+        if values.is_cuda:
+            host = values.to("cpu", non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self._queue.append((step, host, event))
+        else:
+            self._queue.append((step, values, None))
+
+    def pop(self, keep: int) -> list[tuple[int, list[float]]]:
+        """The oldest readings, leaving the newest ``keep`` queued."""
+        out = []
+        while len(self._queue) > keep:
+            step, host, event = self._queue.pop(0)
+            if event is not None:
+                event.synchronize()
+            out.append((step, host.tolist()))
+        return out
 
 
 # ----- the loop ---------------------------------------------------------------------------------------
@@ -281,6 +311,7 @@ def train(
     data: Iterator = iter(loader)
     sampler = SystemSampler(device)
     losses: dict[int, float] = {}
+    readings = LaggedReadings()
     interval_loss, interval_steps, interval_t0 = 0.0, 0, time.perf_counter()
     session_t0, session_steps = None, 0
     stopped_early = False
@@ -291,36 +322,41 @@ def train(
         loss_sum, grad_norm = train_step(model, raw, opt, sched, data, tc, device,
                                          poison=faults.nan_at_step == step + 1)
         step += 1
-        # One host sync per step, after the optimizer is queued, so the GPU never waits on the host
-        # in between. A non-finite loss ends the run here, before any checkpoint of this step.
-        loss_val = float(loss_sum)
-        if not math.isfinite(loss_val):
-            raise TrainingError(f"step {step}: loss is {loss_val}; training stopped "
-                                f"(lower train.lr={tc.lr:g} or check the data)")
         tokens += batch_tokens
-        losses[step] = loss_val
-        interval_loss += loss_val
-        interval_steps += 1
+        stop_now = stop_after is not None and step >= stop_after and step < tc.steps
+        log_now = step % tc.log_every == 0 or step == tc.steps
+        save_now = checkpointer is not None and (step == tc.steps or stop_now
+                                                 or (tc.checkpoint_every and step % tc.checkpoint_every == 0))
+        # The loss is read one step late, so the host queues step s+1 while the GPU runs step s; all
+        # is read before a log row, a checkpoint and the first timed step. A non-finite loss ends the
+        # run naming its step, before any checkpoint is written after it.
+        readings.push(step, torch.stack([loss_sum, grad_norm.float()]))
+        read_all = log_now or save_now or session_t0 is None
+        for s_read, (loss_val, grad_norm_read) in readings.pop(keep=0 if read_all else 1):
+            last_grad_norm = grad_norm_read
+            if not math.isfinite(loss_val):
+                raise TrainingError(f"step {s_read}: loss is {loss_val}; training stopped "
+                                    f"(lower train.lr={tc.lr:g} or check the data)")
+            losses[s_read] = loss_val
+            interval_loss += loss_val
+            interval_steps += 1
         if session_t0 is None:  # the first step warms up (allocations, compilation): not timed
             session_t0 = time.perf_counter()
         else:
             session_steps += 1
-        if step % tc.log_every == 0 or step == tc.steps:
+        if log_now:
             now = time.perf_counter()
             tps = interval_steps * batch_tokens / max(1e-9, now - interval_t0)
-            grad_norm = float(grad_norm)
-            row = {M.TRAIN_LOSS: interval_loss / interval_steps, M.TRAIN_LR: lr, M.TRAIN_GRAD_NORM: grad_norm,
+            row = {M.TRAIN_LOSS: interval_loss / interval_steps, M.TRAIN_LR: lr, M.TRAIN_GRAD_NORM: last_grad_norm,
                    M.TRAIN_TOKENS: float(tokens), M.TRAIN_TOKENS_PER_S: tps,
                    **(sampler.sample() if cfg.tracking.system_metrics else {})}
             for s in sinks:
                 s(step, row)
             if rank == 0 and progress:
                 print(f"step {step:>6}/{tc.steps}  loss {row[M.TRAIN_LOSS]:.4f}  lr {lr:.2e}  "
-                      f"grad_norm {grad_norm:.3f}  {tps:,.0f} tok/s", flush=True)
+                      f"grad_norm {last_grad_norm:.3f}  {tps:,.0f} tok/s", flush=True)
             interval_loss, interval_steps, interval_t0 = 0.0, 0, time.perf_counter()
-        stop_now = stop_after is not None and step >= stop_after and step < tc.steps
-        if checkpointer is not None and (step == tc.steps or stop_now
-                                         or (tc.checkpoint_every and step % tc.checkpoint_every == 0)):
+        if save_now:
             state = training_state(cfg, raw, opt, sched, loader, step, tokens)
             checkpointer.save(step, state if rank == 0 else None, {M.TRAIN_LOSS: loss_val, "step": float(step)})
         if stop_now:
