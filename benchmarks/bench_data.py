@@ -72,7 +72,8 @@ def loader_rate(path: Path, seq_len: int, batch_size: int, num_workers: int, sec
 def write_markdown(result: dict, path: Path) -> None:
     """benchmarks/data.md: the tables and the verdicts against the targets."""
     rows, loader = result["tokenize"], result["loader"]
-    rate = {(r["scale"], r["cpus"], r["path"].startswith("Ray")): r["tokens_per_s"] for r in rows}
+    rate = {(r["scale"], r["cpus"], r["path"].startswith("Ray"), r.get("cold", False)): r["tokens_per_s"]
+            for r in rows}
     slowest_loader = min(r["tokens_per_s"] for r in loader)
     lines = [
         "# Data pipeline figures",
@@ -95,7 +96,7 @@ def write_markdown(result: dict, path: Path) -> None:
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        plain = rate[(r["scale"], 1, False)]
+        plain = rate[(r["scale"], 1, False, False)]
         lines.append(
             f"| {r['scale']} | {r['path']} | {r['documents']} | {r['tokens']} | {r['seconds']:.2f} | "
             f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / plain:.2f}x | "
@@ -103,8 +104,10 @@ def write_markdown(result: dict, path: Path) -> None:
                else "- | - |"))
     verdicts = []
     for scale in sorted({r["scale"] for r in rows}):
-        ratio = rate[(scale, 2, True)] / rate[(scale, 1, False)]
+        ratio = rate[(scale, 2, True, False)] / rate[(scale, 1, False, False)]
         verdicts.append(f"scale {scale}: {ratio:.2f}x ({'met' if ratio >= 1 else 'not met'})")
+    first = min(r["scale"] for r in rows)
+    cold_ratio = rate[(first, 2, True, True)] / rate[(first, 1, False, False)]
     lines += [
         "",
         "Ray rows time the whole `prepare` job on a running local Ray: listing, fingerprint, Ray Data "
@@ -113,10 +116,16 @@ def write_markdown(result: dict, path: Path) -> None:
         + " and is not included. *Actor start-up* is the time until the first tokenized batch reaches "
         "the driver; *steady* is the rate after it. Best of " + str(result["repeats"]) + " runs per row.",
         "",
-        "Target: the Ray path (2 CPUs) no slower than the plain loop on 2 cores. Measured, end to end: "
-        + "; ".join(verdicts) + ". Ray Data's actors take about 2 s to start (a worker process, `import "
-        "ray.data`, the tokenizer); past that the 2-CPU pool runs at the steady rate in the last column, "
-        "so the job overtakes the plain loop once the corpus is a few times larger than `stdlib`.",
+        "*First job on a fresh Ray*: the first Ray Data job a cluster runs also starts Ray Data's own "
+        "cluster-wide actors (a stats actor, an autoscaling coordinator, an actor-location tracker), each a "
+        "worker process; on 2 cores those spawns compete with the tokenizer actors. They persist for the "
+        "cluster's lifetime, so every later job, the usual case on a cluster that jobs are submitted to, "
+        "runs without them. The other Ray rows are such later jobs.",
+        "",
+        "Target: the Ray path (2 CPUs) no slower than the plain loop on 2 cores. Measured, end to end, on "
+        "a running Ray: " + "; ".join(verdicts) + f". The first job on a fresh Ray: {cold_ratio:.2f}x at "
+        f"scale {first}. Each job's actors take over a second to start (a worker process, `import "
+        "ray.data`, the tokenizer); past that the 2-CPU pool runs at the steady rate in the last column.",
         "",
         "## Loader (PackedLoader, shuffled training stream, packed tokens handed to the caller)",
         "",
@@ -190,15 +199,21 @@ def main() -> None:
                 t0 = time.perf_counter()
                 init_ray(num_cpus=cpus)
                 ray_init[cpus] = time.perf_counter() - t0
-                for scale in args.scales:
+                # The first Ray Data job on a fresh Ray also starts Ray Data's own cluster actors (stats,
+                # autoscaling coordinator, actor-location tracker), once per cluster: its own row. The
+                # other rows are jobs on a running Ray, as jobs submitted to a cluster are.
+                plan = [(args.scales[0], True)] + [(scale, False) for scale in args.scales]
+                for scale, cold in plan:
                     r = ray_run(tok_path, cpus, work, args.max_files, scale)
                     assert r["tokens"] == plain_tokens[scale], (r["tokens"], plain_tokens[scale])  # same result
-                    keep({"scale": scale, "path": f"Ray Data prepare, {cpus} CPU", "cpus": cpus,
+                    keep({"scale": scale, "path": f"Ray Data prepare, {cpus} CPU"
+                          + (", first job on a fresh Ray" if cold else ""), "cpus": cpus, "cold": cold,
                           "documents": r["documents"], "tokens": r["tokens"], "seconds": r["seconds"],
                           "tokens_per_s": r["tokens"] / r["seconds"], "startup_seconds": r["startup_seconds"],
                           "steady_tokens_per_s": r["steady_tokens_per_s"]})
                 ray.shutdown()
-        rows = sorted(best.values(), key=lambda r: (r["scale"], r["path"] != "plain loop, 1 process", r["cpus"]))
+        rows = sorted(best.values(), key=lambda r: (r["scale"], r["path"] != "plain loop, 1 process", r["cpus"],
+                                                     not r.get("cold")))
         ds = work / f"ray2x{args.scales[0]}"
         loader = []
         for seq_len, bs, nw in ((256, 16, 0), (1024, 8, 0), (1024, 8, 2)):
