@@ -41,15 +41,6 @@ def read_losses(run_dir: Path) -> dict[int, float]:
     return {int(r["step"]): float(r[M.TRAIN_LOSS]) for r in RunDir(run_dir).metrics() if M.TRAIN_LOSS in r}
 
 
-def steady_tokens_per_s(run_dir: Path) -> float:
-    """Tokens/s over every logged interval but the first (the warm-up: kernel compilation, allocator growth,
-    DDP's bucket rebuild); the whole-run figure (step 1 excluded) is kept in ``results`` beside it."""
-    rows = [r for r in RunDir(run_dir).metrics() if M.TRAIN_TOKENS_PER_S in r]
-    tokens = [r[M.TRAIN_TOKENS] for r in rows]
-    spans = [(b - a, r[M.TRAIN_TOKENS_PER_S]) for a, b, r in zip(tokens, tokens[1:], rows[1:], strict=False)]
-    return sum(n for n, _ in spans) / sum(n / tps for n, tps in spans) if spans else float("nan")
-
-
 def run_training(name: str, config: str, overrides: list[str], out: Path, nproc: int,
                  env_extra: dict[str, str] | None = None) -> dict:
     """One training run (torchrun when nproc > 1); returns its results, losses and wall time."""
@@ -68,7 +59,7 @@ def run_training(name: str, config: str, overrides: list[str], out: Path, nproc:
         return {"name": name, "error": f"exit {proc.returncode}", "wall_s": wall}
     results = RunDir(run_dir).results()
     return {"name": name, "results": results, "losses": read_losses(run_dir), "wall_s": wall,
-            "steady_tokens_per_s": steady_tokens_per_s(run_dir)}
+            "steady_tokens_per_s": RunDir(run_dir).steady_tokens_per_s()}
 
 
 def part_kernels(args, out: Path) -> dict:

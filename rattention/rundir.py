@@ -125,6 +125,16 @@ class RunDir:
                     rows.setdefault(int(row["step"]), {}).update(row)
         return [rows[s] for s in sorted(rows)]
 
+    def steady_tokens_per_s(self) -> float:
+        """Training tokens/s over every logged interval but the first, which holds the warm-up (allocator
+        growth, kernel compilation, and, under Ray Train, its control actors still starting); NaN when
+        fewer than two intervals were logged. ``results()`` keeps the whole-run figure beside it."""
+        rows = [r for r in self.metrics() if M.TRAIN_TOKENS_PER_S in r and M.TRAIN_TOKENS in r]
+        spans = [(b[M.TRAIN_TOKENS] - a[M.TRAIN_TOKENS], b[M.TRAIN_TOKENS_PER_S])
+                 for a, b in zip(rows, rows[1:], strict=False)]
+        spans = [(n, tps) for n, tps in spans if n > 0 and tps > 0]
+        return sum(n for n, _ in spans) / sum(n / tps for n, tps in spans) if spans else float("nan")
+
 
 def _finite_or_str(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):

@@ -16,7 +16,7 @@ from rattention.model import LM
 from rattention.optim import WarmupCosine, build_optimizer
 from rattention.run_config import TrainConfig, load_run_config
 from rattention.rundir import RunDir
-from rattention.train import Faults, run_local
+from rattention.train import Faults, LaggedReadings, run_local
 from tests.conftest import tiny_run_config
 
 CONFIGS = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))
@@ -130,3 +130,23 @@ def test_vocab_smaller_than_dataset_is_a_config_error(train_dataset: Path, tmp_p
     cfg = tiny_run_config(train_dataset, "model.vocab_size=16")
     with pytest.raises(ConfigError, match=r"^model.vocab_size: must be >= the dataset's vocab size \(64\)"):
         run_local(cfg, tmp_path / "run", progress=False)
+
+
+def test_lagged_readings_keep_the_newest_queued() -> None:
+    r = LaggedReadings()
+    for step in (1, 2, 3):
+        r.push(step, torch.tensor([float(step), 10.0 * step]))
+    assert r.pop(keep=1) == [(1, [1.0, 10.0]), (2, [2.0, 20.0])]  # step 3 stays queued
+    assert r.pop(keep=1) == []
+    assert r.pop(keep=0) == [(3, [3.0, 30.0])]
+
+
+def test_steady_tokens_per_s_skips_the_first_interval(tmp_path: Path) -> None:
+    rd = RunDir(tmp_path / "run")
+    rd.path.mkdir()
+    rows = [(10, 1000, 100.0), (20, 2000, 500.0), (30, 3000, 250.0)]  # the first interval is the warm-up
+    rd.metrics_path.write_text("".join(json.dumps({"step": s, M.TRAIN_TOKENS: t, M.TRAIN_TOKENS_PER_S: tps}) + "\n"
+                                       for s, t, tps in rows))
+    assert rd.steady_tokens_per_s() == pytest.approx(2000 / (1000 / 500 + 1000 / 250))
+    rd.metrics_path.write_text(json.dumps({"step": 10, M.TRAIN_TOKENS: 1000, M.TRAIN_TOKENS_PER_S: 9.0}) + "\n")
+    assert rd.steady_tokens_per_s() != rd.steady_tokens_per_s()  # NaN: one interval says nothing steady
