@@ -141,7 +141,7 @@ def _fit(cfg: RunConfig, uri: str, config_path: str | Path | None, run_dir: str 
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
         )
         try:
-            result = trainer.fit()
+            result = _fit_interruptibly(trainer)
         except ray.train.TrainingFailedError as err:
             raise TrainingError(f"run {name}: Ray Train failed after {cfg.ray.max_failures} restarts: "
                                 f"{_first_line(err)}") from None
@@ -164,8 +164,34 @@ def _fit(cfg: RunConfig, uri: str, config_path: str | Path | None, run_dir: str 
         error = _first_line(err)
         raise
     finally:
-        rd.set_status(status, step=step, error=error)
+        rd.set_status(status, step=step if step is not None else rd.last_step(), error=error)
         tracking.end_run(c, run_id, status)
+
+
+def _fit_interruptibly(trainer: Any) -> Any:
+    """``trainer.fit()``, with Ctrl-C raising KeyboardInterrupt here so the run is marked KILLED.
+
+    Called from the main thread, Ray Train replaces the SIGINT handler with its own, which aborts the
+    run and then exits the process (status 1, nothing marked). From another thread it leaves SIGINT
+    alone; the main thread waits, and on Ctrl-C the job's driver exits, which ends its Ray Train actors.
+    """
+    import threading
+
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out["result"] = trainer.fit()
+        except BaseException as err:  # handed to the main thread as it is
+            out["error"] = err
+
+    t = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(0.2)
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
 
 
 def _first_line(err: BaseException) -> str:

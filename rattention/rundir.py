@@ -125,6 +125,11 @@ class RunDir:
                     rows.setdefault(int(row["step"]), {}).update(row)
         return [rows[s] for s in sorted(rows)]
 
+    def last_step(self) -> int | None:
+        """The last step with a logged row, or None: where an interrupted run had got to."""
+        rows = self.metrics()
+        return int(rows[-1]["step"]) if rows else None
+
     def steady_tokens_per_s(self) -> float:
         """Training tokens/s over every logged interval but the first, which holds the warm-up (allocator
         growth, kernel compilation, and, under Ray Train, its control actors still starting); NaN when

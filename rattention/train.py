@@ -437,11 +437,12 @@ def run_local(cfg: RunConfig, run_dir: str | Path | None = None, stop_after: int
         return results
     except KeyboardInterrupt:
         if rank == 0:
-            rd.set_status("KILLED", step=step, error="interrupted")
+            rd.set_status("KILLED", step=step or rd.last_step(), error="interrupted")
         raise
     except Exception as err:
         if rank == 0:
-            rd.set_status("FAILED", step=step, error=str(err).splitlines()[0] if str(err) else type(err).__name__)
+            rd.set_status("FAILED", step=step or rd.last_step(),
+                          error=str(err).splitlines()[0] if str(err) else type(err).__name__)
         raise
 
 
@@ -463,6 +464,10 @@ def main(argv: list[str] | None = None) -> None:
     except RattentionError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: run marked KILLED; the same command resumes it from its last checkpoint",
+              file=sys.stderr)
+        sys.exit(130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

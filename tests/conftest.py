@@ -91,3 +91,35 @@ def tiny_run_config(dataset: Path, *overrides: str):
             "eval.val_batches=4", "eval.decode_tokens=8", "eval.copy_samples=4", "eval.tasks=[mqar]",
             "eval.task_samples=4", "ray.cpus_per_worker=1"]
     return load_run_config(None, [*base, *overrides])
+
+
+def interrupt_when_training(cmd: list[str], run_dir: Path, after_step: int, env: dict[str, str] | None = None,
+                            timeout: float = 180.0) -> tuple[int, str]:
+    """Run ``cmd``, send it SIGINT (Ctrl-C) once ``run_dir`` has logged ``after_step``, and return its exit
+    code and stderr. Fails the test if training never gets there."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from rattention.rundir import RunDir
+
+    root = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, *cmd], cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + timeout
+            while not any(r["step"] >= after_step for r in RunDir(run_dir).metrics()):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    err.seek(0)
+                    raise AssertionError(f"training never reached step {after_step} (exit {proc.poll()}): "
+                                         f"{err.read()[-2000:]}")
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGINT)
+            rc = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        err.seek(0)
+        return rc, err.read()

@@ -4,6 +4,7 @@ a worker that dies once, NaN loss, and import-run of a run folder."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,10 @@ from pipelines.train import fit
 from rattention import metrics as M
 from rattention.errors import TrainingError
 from rattention.evaluate import load_model
+from rattention.run_config import dump_run_config
 from rattention.rundir import RunDir
 from rattention.train import run_local
-from tests.conftest import tiny_run_config
+from tests.conftest import interrupt_when_training, tiny_run_config
 
 
 def _cfg(ds: Path, uri: str, *over: str):
@@ -125,3 +127,21 @@ def test_tracking_uri_resolution(mlflow_server: str, tmp_path: Path, monkeypatch
     with tracking_uri(None, tmp_path) as uri:
         assert uri == mlflow_server  # a live server found in the folder is reused, not restarted
     assert (tmp_path / SERVER_FILE).is_file()
+
+
+def test_ctrl_c_marks_the_mlflow_run_killed(train_dataset: Path, mlflow_server: str, ray_local,
+                                            tmp_path: Path) -> None:
+    """``python -m pipelines.train`` on the running Ray, interrupted mid-training like a Ctrl-C."""
+    import ray
+
+    cfg = _cfg(train_dataset, mlflow_server, "train.steps=100000", "eval.enabled=false")
+    dump_run_config(cfg, tmp_path / "config.yaml")
+    run = tmp_path / "run"
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    rc, err = interrupt_when_training(["-m", "pipelines.train", str(tmp_path / "config.yaml"), "--run-dir",
+                                       str(run)], run, after_step=3, env=env)
+    assert rc == 130 and "interrupted: run marked KILLED" in err, err[err.find("SIGINT"):][:3000]
+    _, mlrun = _run(mlflow_server, run)
+    assert mlrun.info.status == "KILLED"
+    status = RunDir(run).status()
+    assert status["status"] == "KILLED" and status["step"] >= 3, status

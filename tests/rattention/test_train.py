@@ -14,10 +14,10 @@ from rattention.config import ModelConfig
 from rattention.errors import ConfigError, TrainingError
 from rattention.model import LM
 from rattention.optim import WarmupCosine, build_optimizer
-from rattention.run_config import TrainConfig, load_run_config
+from rattention.run_config import TrainConfig, dump_run_config, load_run_config
 from rattention.rundir import RunDir
 from rattention.train import Faults, LaggedReadings, run_local
-from tests.conftest import tiny_run_config
+from tests.conftest import interrupt_when_training, tiny_run_config
 
 CONFIGS = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))
 
@@ -150,3 +150,15 @@ def test_steady_tokens_per_s_skips_the_first_interval(tmp_path: Path) -> None:
     assert rd.steady_tokens_per_s() == pytest.approx(2000 / (1000 / 500 + 1000 / 250))
     rd.metrics_path.write_text(json.dumps({"step": 10, M.TRAIN_TOKENS: 1000, M.TRAIN_TOKENS_PER_S: 9.0}) + "\n")
     assert rd.steady_tokens_per_s() != rd.steady_tokens_per_s()  # NaN: one interval says nothing steady
+
+
+def test_ctrl_c_marks_the_run_killed(train_dataset: Path, tmp_path: Path) -> None:
+    cfg = tiny_run_config(train_dataset, "train.steps=100000", "train.checkpoint_every=8", "eval.enabled=false")
+    dump_run_config(cfg, tmp_path / "config.yaml")
+    run = tmp_path / "run"
+    rc, err = interrupt_when_training(["-m", "rattention.train", str(tmp_path / "config.yaml"), "--run-dir",
+                                       str(run)], run, after_step=9)
+    assert rc == 130 and err.strip().splitlines()[-1].startswith("interrupted: run marked KILLED"), err
+    status = RunDir(run).status()
+    assert status["status"] == "KILLED" and status["step"] >= 9, status
+    assert LocalCheckpointer(run / "checkpoints").load_latest()["step"] >= 8  # what a re-run resumes from
