@@ -107,7 +107,10 @@ def write_markdown(result: dict, path: Path) -> None:
         ratio = rate[(scale, 2, True, False)] / rate[(scale, 1, False, False)]
         verdicts.append(f"scale {scale}: {ratio:.2f}x ({'met' if ratio >= 1 else 'not met'})")
     first = min(r["scale"] for r in rows)
-    cold_ratio = rate[(first, 2, True, True)] / rate[(first, 1, False, False)]
+    cold = rate.get((first, 2, True, True))  # absent from records made before the row existed
+    cold_text = ""
+    if cold:
+        cold_text = f" The first job on a fresh Ray: {cold / rate[(first, 1, False, False)]:.2f}x at scale {first}."
     lines += [
         "",
         "Ray rows time the whole `prepare` job on a running local Ray: listing, fingerprint, Ray Data "
@@ -123,8 +126,8 @@ def write_markdown(result: dict, path: Path) -> None:
         "runs without them. The other Ray rows are such later jobs.",
         "",
         "Target: the Ray path (2 CPUs) no slower than the plain loop on 2 cores. Measured, end to end, on "
-        "a running Ray: " + "; ".join(verdicts) + f". The first job on a fresh Ray: {cold_ratio:.2f}x at "
-        f"scale {first}. Each job's actors take over a second to start (a worker process, `import "
+        "a running Ray: " + "; ".join(verdicts) + "." + cold_text + " Each job's actors take over a second "
+        "to start (a worker process, `import "
         "ray.data`, the tokenizer); past that the 2-CPU pool runs at the steady rate in the last column.",
         "",
         "## Loader (PackedLoader, shuffled training stream, packed tokens handed to the caller)",
