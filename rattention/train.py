@@ -111,6 +111,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cuda", local)
 
 
+def say(line: str) -> None:
+    """A progress line on stdout, written directly: in a Ray Train worker ``print`` is patched to go to
+    both stdout and Train's logger, and every line reached the driver twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak CUDA memory allocated on GPU; this process's peak resident set on CPU."""
     if device.type == "cuda":
@@ -304,7 +311,7 @@ def train(
         for s in sinks:
             s(step, {M.TRAIN_RESUMED_AT: float(step)})
         if rank == 0 and progress:
-            print(f"resumed from step {step}", flush=True)
+            say(f"resumed from step {step}")
     model = wrap_model(raw, tc, device, world)
 
     batch_tokens = cfg.data.batch_size * cfg.seq_len * tc.grad_accum * world
@@ -353,8 +360,8 @@ def train(
             for s in sinks:
                 s(step, row)
             if rank == 0 and progress:
-                print(f"step {step:>6}/{tc.steps}  loss {row[M.TRAIN_LOSS]:.4f}  lr {lr:.2e}  "
-                      f"grad_norm {last_grad_norm:.3f}  {tps:,.0f} tok/s", flush=True)
+                say(f"step {step:>6}/{tc.steps}  loss {row[M.TRAIN_LOSS]:.4f}  lr {lr:.2e}  "
+                    f"grad_norm {last_grad_norm:.3f}  {tps:,.0f} tok/s")
             interval_loss, interval_steps, interval_t0 = 0.0, 0, time.perf_counter()
         if save_now:
             state = training_state(cfg, raw, opt, sched, loader, step, tokens)
