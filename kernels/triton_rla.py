@@ -167,6 +167,48 @@ def _chunk_sum_kernel(
 
 
 @triton.jit
+def _rows(pid_r, pid_bh, T, HA, GDIV, SHIFT, NSLOT, C: tl.constexpr, BM: tl.constexpr, CB: tl.constexpr,
+          REV: tl.constexpr):
+    """The rows a (row block, batch x head) program owns, shared by the output and gradient kernels.
+
+    Returns chunk c, batch bi, head ha, state head hs, the row offsets, the rows' positions (queries;
+    keys, shifted, when REV) and validity, the state slot (counted from the end when REV), and the range
+    [lo, hi) of in-chunk partner blocks the causal mask can reach."""
+    c = pid_r // (C // BM)
+    r0 = (pid_r % (C // BM)) * BM
+    bi = pid_bh // HA
+    ha = pid_bh % HA
+    hs = ha // GDIV
+    offs_r = r0 + tl.arange(0, BM)
+    if REV:
+        a_rows = c * C - SHIFT + offs_r
+        slot = NSLOT - 1 - c
+        lo = r0 // CB * CB
+        hi = C
+    else:
+        a_rows = c * C + offs_r
+        slot = c
+        lo = 0
+        hi = r0 + BM
+    a_ok = (a_rows >= 0) & (a_rows < T)
+    return c, bi, ha, hs, offs_r, a_rows, a_ok, slot, lo, hi
+
+
+@triton.jit
+def _partners(c, ib, offs_r, T, SHIFT, C: tl.constexpr, CB: tl.constexpr, REV: tl.constexpr):
+    """Partner block ib of chunk c for the rows offs_r: the partners' positions (keys, shifted; queries
+    when REV), their validity, and the causal mask "key row <= query row" as (rows, partners)."""
+    offs_i = ib + tl.arange(0, CB)
+    if REV:
+        b_rows = c * C + offs_i
+        vis = offs_r[:, None] <= offs_i[None, :]
+    else:
+        b_rows = c * C - SHIFT + offs_i
+        vis = offs_i[None, :] <= offs_r[:, None]
+    return b_rows, (b_rows >= 0) & (b_rows < T), vis
+
+
+@triton.jit
 def _rla_out_kernel(
     A, B, V, ST, OUT,
     sab, sah, sat, sbb, sbh, sbt, svb, svh, svt, sob, soh, sot,
@@ -184,25 +226,10 @@ def _rla_out_kernel(
     pid_r = tl.program_id(0)
     pid_bh = tl.program_id(1)
     v0 = tl.program_id(2) * BV
-    c = pid_r // (C // BM)
-    r0 = (pid_r % (C // BM)) * BM
-    bi = pid_bh // HA
-    ha = pid_bh % HA
-    hs = ha // GDIV
-    offs_r = r0 + tl.arange(0, BM)
+    c, bi, ha, hs, offs_r, a_rows, a_ok, slot, lo, hi = _rows(pid_r, pid_bh, T, HA, GDIV, SHIFT, NSLOT, C, BM,
+                                                              CB, REV)
     offs_k = tl.arange(0, BK)
     offs_v = v0 + tl.arange(0, BV)
-    if REV:
-        a_rows = c * C - SHIFT + offs_r
-        slot = NSLOT - 1 - c
-        lo = r0 // CB * CB
-        hi = C
-    else:
-        a_rows = c * C + offs_r
-        slot = c
-        lo = 0
-        hi = r0 + BM
-    a_ok = (a_rows >= 0) & (a_rows < T)
     a_ptr = A + bi * sab + ha * sah + a_rows[:, None] * sat
     amp, aip, amn, ain = _stats_blocked(a_ptr, a_ok, BM, D, BK, PHI)
     st = ST + ((bi * HS + hs) * NSLOT + slot) * 2 * D * D
@@ -216,14 +243,7 @@ def _rla_out_kernel(
     for g in range(0, NG):
         hb = hs * NG + g
         for ib in range(lo, hi, CB):
-            offs_i = ib + tl.arange(0, CB)
-            if REV:
-                b_rows = c * C + offs_i
-                vis = offs_r[:, None] <= offs_i[None, :]
-            else:
-                b_rows = c * C - SHIFT + offs_i
-                vis = offs_i[None, :] <= offs_r[:, None]
-            b_ok = (b_rows >= 0) & (b_rows < T)
+            b_rows, b_ok, vis = _partners(c, ib, offs_r, T, SHIFT, C, CB, REV)
             b_ptr = B + bi * sbb + hb * sbh + b_rows[:, None] * sbt
             bmp, bip, bmn, bin_ = _stats_blocked(b_ptr, b_ok, CB, D, BK, PHI)
             a = tl.zeros([BM, CB], tl.float32)
@@ -255,25 +275,10 @@ def _rla_grad_kernel(
     dk (REV=1): X = v, XA = k (keys of chunk c), Y = do_g, Z = q_g (queries of chunk c), ST = dH_c."""
     pid_r = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    c = pid_r // (C // BM)
-    r0 = (pid_r % (C // BM)) * BM
-    bi = pid_bh // HA
-    ha = pid_bh % HA
-    hs = ha // GDIV
-    offs_r = r0 + tl.arange(0, BM)
+    c, bi, ha, hs, offs_r, a_rows, a_ok, slot, lo, hi = _rows(pid_r, pid_bh, T, HA, GDIV, SHIFT, NSLOT, C, BM,
+                                                              CB, REV)
     offs_d = tl.arange(0, D)
     offs_v = tl.arange(0, BV)
-    if REV:
-        a_rows = c * C - SHIFT + offs_r
-        slot = NSLOT - 1 - c
-        lo = r0 // CB * CB
-        hi = C
-    else:
-        a_rows = c * C + offs_r
-        slot = c
-        lo = 0
-        hi = r0 + BM
-    a_ok = (a_rows >= 0) & (a_rows < T)
     x_ptr = X + bi * sxb + ha * sxh + a_rows[:, None] * sxt
     st = ST + ((bi * HS + hs) * NSLOT + slot) * 2 * D * D
     dp = tl.zeros([BM, D], tl.float32)
@@ -287,14 +292,7 @@ def _rla_grad_kernel(
     for g in range(0, NG):
         hb = hs * NG + g
         for ib in range(lo, hi, CB):
-            offs_i = ib + tl.arange(0, CB)
-            if REV:
-                b_rows = c * C + offs_i
-                vis = offs_r[:, None] <= offs_i[None, :]
-            else:
-                b_rows = c * C - SHIFT + offs_i
-                vis = offs_i[None, :] <= offs_r[:, None]
-            b_ok = (b_rows >= 0) & (b_rows < T)
+            b_rows, b_ok, vis = _partners(c, ib, offs_r, T, SHIFT, C, CB, REV)
             y_ptr = Y + bi * syb + hb * syh + b_rows[:, None] * syt
             da = tl.zeros([BM, CB], tl.float32)
             for vb in range(0, D, BV):
