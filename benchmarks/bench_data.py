@@ -48,10 +48,9 @@ def ray_run(tok_path: Path, cpus: int, work: Path, max_files: int | None, scale:
     m = prepare(cfg, log=lambda s: None)
     secs = time.perf_counter() - t1
     tm = m["timings"]
-    steady = (m["counts"]["tokens"] - tm["first_batch_tokens"]) / max(
-        1e-9, tm["ray_data_seconds"] - tm["first_batch_seconds"])
+    steady = m["counts"]["tokens"] / max(1e-9, tm["ray_data_seconds"] - tm["startup_seconds"])
     return {"documents": m["counts"]["documents"], "tokens": m["counts"]["tokens"], "seconds": secs,
-            "startup_seconds": tm["first_batch_seconds"], "steady_tokens_per_s": steady, "out": str(out)}
+            "startup_seconds": tm["startup_seconds"], "steady_tokens_per_s": steady, "out": str(out)}
 
 
 def loader_rate(path: Path, seq_len: int, batch_size: int, num_workers: int, seconds: float) -> float:

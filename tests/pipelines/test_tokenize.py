@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 
 from pipelines.tokenize import (
     SplitWriter,
+    bundles,
     doc_key,
     make_config,
     prepare,
@@ -253,3 +254,19 @@ def test_jsonl_byte_ranges_partition_the_lines(tmp_path, chunk):
         for k, v in p.skipped.items():
             skipped[k] = skipped.get(k, 0) + v
     assert skipped == whole.skipped == {"empty": 2, "bad_json": 1}
+
+
+@pytest.mark.parametrize("n", [1, 3, 8, 40, 100])
+def test_bundles_keep_order_and_balance_bytes(n):
+    """Runs are contiguous, non-empty and in order; their byte totals differ by at most the largest item."""
+    rng = np.random.default_rng(n)
+    items = [{"id": i, "size": int(s)} for i, s in enumerate(rng.integers(0, 50_000, size=40))]
+    items[5]["size"] = 400_000  # one outsize file
+    runs = bundles(items, n)
+    assert [it["id"] for run in runs for it in run] == list(range(40))
+    assert len(runs) == min(n, 40) and all(runs)
+    totals = [sum(it["size"] for it in run) for run in runs]
+    # a run with the outsize file may exceed the others by it; the rest stay within one ordinary file
+    others = [t for t, run in zip(totals, runs, strict=True) if all(it["id"] != 5 for it in run)]
+    if len(others) > 1:
+        assert max(others) - min(others) <= 2 * 50_000
