@@ -110,13 +110,16 @@ def write_markdown(result: dict, path: Path) -> None:
     cold_text = ""
     if cold:
         cold_text = f" The first job on a fresh Ray: {cold / rate[(first, 1, False, False)]:.2f}x at scale {first}."
+    ups = [r["startup_seconds"] for r in rows if "startup_seconds" in r]
+    startup = f"{min(ups):.1f}-{max(ups):.1f}" if ups else "?"
     lines += [
         "",
         "Ray rows time the whole `prepare` job on a running local Ray: listing, fingerprint, Ray Data "
         "(actor start-up included), shard writing, sha256 and manifest. Starting Ray itself took "
         + ", ".join(f"{v:.1f} s ({k} CPU)" for k, v in result["ray_init_seconds"].items())
-        + " and is not included. *Actor start-up* is the time until the first tokenized batch reaches "
-        "the driver; *steady* is the rate after it. Best of " + str(result["repeats"]) + " runs per row.",
+        + " and is not included. *Actor start-up* is the time from the start of Ray Data's execution until "
+        "the first actor starts tokenizing (a worker process, `import ray.data`, the tokenizer); *steady* "
+        "is all the tokens over the time after that. Best of " + str(result["repeats"]) + " runs per row.",
         "",
         "*First job on a fresh Ray*: the first Ray Data job a cluster runs also starts Ray Data's own "
         "cluster-wide actors (a stats actor, an autoscaling coordinator, an actor-location tracker), each a "
@@ -125,9 +128,8 @@ def write_markdown(result: dict, path: Path) -> None:
         "runs without them. The other Ray rows are such later jobs.",
         "",
         "Target: the Ray path (2 CPUs) no slower than the plain loop on 2 cores. Measured, end to end, on "
-        "a running Ray: " + "; ".join(verdicts) + "." + cold_text + " Each job's actors take over a second "
-        "to start (a worker process, `import "
-        "ray.data`, the tokenizer); past that the 2-CPU pool runs at the steady rate in the last column.",
+        "a running Ray: " + "; ".join(verdicts) + "." + cold_text + f" Each job's actors took {startup} s "
+        "to start; past that the 2-CPU pool runs at the steady rate in the last column.",
         "",
         "## Loader (PackedLoader, shuffled training stream, packed tokens handed to the caller)",
         "",
