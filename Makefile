@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	else \
 	  $(PY) -m pip install -q torch==$(TORCH_VERSION); \
 	fi
-	$(PY) -m pip install -q -e '.[platform,triton,dev]'
+	$(PY) -m pip install -q -e '.[platform,triton,dev,hf]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

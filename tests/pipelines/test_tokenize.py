@@ -189,8 +189,39 @@ def test_one_line_errors(ray_local, tmp_path):
         prepare(make_config(out=tmp_path / "c", sources=[str(empty)], vocab_size=100))
     with pytest.raises(ConfigError, match="val_fraction"):
         make_config(out=tmp_path / "d", val_fraction=1.5)
-    with pytest.raises(DataError, match="datasets"):
+
+
+def test_hf_source_without_datasets_is_one_line(ray_local, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed: ``import datasets`` fails
+    with pytest.raises(DataError, match="'datasets' library is not installed"):
         prepare(make_config(out=tmp_path / "e", sources=["hf:wikitext"]))
+
+
+def test_hf_source_through_datasets(ray_local, tmp_path, monkeypatch):
+    """``hf:NAME`` loads through ``datasets`` (here a local folder, offline): rows become documents."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    pytest.importorskip("datasets")
+    folder = tmp_path / "rows"
+    folder.mkdir()
+    texts = [f"row {i}: " + "word " * i for i in range(40)]
+    rows = [{"body": t, "n": i} for i, t in enumerate(texts)] + [{"body": "  ", "n": -1}]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = make_config(out=tmp_path / "out", sources=[f"hf:{folder}"], text_field="body", vocab_size=300,
+                      val_fraction=0.0)
+    m = prepare(cfg, log=lambda s: None)
+    assert m["counts"]["documents"] == 40 and m["counts"]["skipped"] == {"empty": 1}
+    tok = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))
+    got = sorted(tok.decode(s["tokens.npy"].tolist()) for s in wds.WebDataset(
+        [str(tmp_path / "out" / sh["file"]) for sh in m["splits"]["train"]["shards"]], shardshuffle=False
+    ).decode())
+    assert got == sorted(texts)
+    logs: list[str] = []
+    prepare(cfg, log=logs.append)
+    assert logs and "up to date" in logs[-1]
+    with pytest.raises(DataError, match="no column 'text'; columns: body, n"):
+        prepare(make_config(out=tmp_path / "x", sources=[f"hf:{folder}"]), log=lambda s: None)
 
 
 def test_interrupted_run_leaves_nothing_that_looks_complete(ray_local, mixed_folder, tmp_path, monkeypatch):
