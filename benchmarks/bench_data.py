@@ -219,7 +219,6 @@ def main() -> None:
         from pipelines.ray_utils import init_ray
 
         best: dict[tuple[int, str], dict] = {}
-
         runs: dict[tuple[int, str], list[float]] = {}
 
         def keep(row: dict) -> None:
