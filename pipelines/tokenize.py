@@ -47,7 +47,7 @@ STDLIB_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-pac
 SPLITS = ("train", "val")
 JSONL_CHUNK = 8 << 20  # bytes of a jsonl file per work item
 # Work blocks. Each block is one run of work items (see ``bundles``) and one actor call. A block
-# costs Ray Data a round trip (10-100 ms measured on 2 cores), so a small corpus gets few:
+# costs Ray Data a round trip (10-160 ms measured on 2 cores), so a small corpus gets few:
 # BLOCKS_PER_ACTOR per actor, all queued on their actor at once. A large one gets blocks of about
 # BLOCK_BYTES of input, so that the last block, which may run alone, stays short (~1 s of a core).
 BLOCKS_PER_ACTOR = 4
