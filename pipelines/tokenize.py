@@ -275,8 +275,9 @@ def resolve_sources(cfg: PrepareConfig) -> tuple[list[dict[str, Any]], list[dict
         else:
             files, root = _files_of(source, ALL_SUFFIXES)
         desc: dict[str, Any] = {"source": source, "files": []}
+        real_root = root.resolve()
         for f in files:
-            rel = f.resolve().relative_to(root.resolve()).as_posix() if root else f.name
+            rel = f.resolve().relative_to(real_root).as_posix()
             n = seen.get(rel, 0)
             seen[rel] = n + 1
             doc_id = rel if n == 0 else f"{rel}~{n}"
