@@ -717,7 +717,8 @@ def prepare_hf(cfg: PrepareConfig, log: Any = print) -> dict[str, Any]:
             for row in hf:
                 f.write(json.dumps({cfg.text_field: row[cfg.text_field]}) + "\n")
         size = spill.stat().st_size
-        items = [work_item("jsonl", spill, name, start=a, end=min(a + JSONL_CHUNK, size), size=min(JSONL_CHUNK, size - a))
+        items = [work_item("jsonl", spill, name, start=a, end=min(a + JSONL_CHUNK, size),
+                           size=min(JSONL_CHUNK, size - a))
                  for a in range(0, max(1, size), JSONL_CHUNK)]
         return _build(cfg, items, inputs, {"sources": cfg.sources, "rows": len(hf)}, log)
     finally:

@@ -289,7 +289,8 @@ def test_jsonl_byte_ranges_partition_the_lines(tmp_path, chunk):
 
 @pytest.mark.parametrize("n", [1, 3, 8, 40, 100])
 def test_bundles_keep_order_and_balance_bytes(n):
-    """Runs are contiguous, non-empty and in order; their byte totals differ by at most the largest item."""
+    """Runs are contiguous, non-empty and in order; apart from the run holding an outsize file, their byte
+    totals differ by at most two ordinary files."""
     rng = np.random.default_rng(n)
     items = [{"id": i, "size": int(s)} for i, s in enumerate(rng.integers(0, 50_000, size=40))]
     items[5]["size"] = 400_000  # one outsize file
