@@ -678,7 +678,7 @@ def _tokenize_to_shards(
         "timings": {  # seconds of the Ray Data stage: until an actor starts its first block, and in all
             "actors": n_actors,
             "blocks": len(rows),
-            "startup_seconds": round(min(first_call, t_end) - t_start, 3),
+            "startup_seconds": round(max(0.0, min(first_call, t_end) - t_start), 3),  # clocks of other nodes may skew
             "ray_data_seconds": round(t_end - t_start, 3),
         },
     }
