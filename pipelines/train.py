@@ -164,7 +164,7 @@ def _fit(cfg: RunConfig, uri: str, config_path: str | Path | None, run_dir: str 
         error = _first_line(err)
         raise
     finally:
-        rd.set_status(status, step=step if step is not None else rd.last_step(), error=error)
+        rd.set_status(status, step=step, error=error)
         tracking.end_run(c, run_id, status)
 
 

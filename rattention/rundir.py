@@ -93,9 +93,10 @@ class RunDir:
         _write_json(self.results_path, results)
 
     def set_status(self, status: str, step: int | None = None, error: str | None = None) -> None:
+        """Record the run's status; without ``step``, the last logged step (where an interrupted run got to)."""
         assert status in STATUSES, status
-        _write_json(self.path / "status.json",
-                    {"status": status, "step": step, "error": error, "time": time.time()})
+        step = step if step is not None else self.last_step()
+        _write_json(self.path / "status.json", {"status": status, "step": step, "error": error, "time": time.time()})
 
     # ----- reading ---------------------------------------------------------------------------------
     def exists(self) -> bool:

@@ -444,11 +444,11 @@ def run_local(cfg: RunConfig, run_dir: str | Path | None = None, stop_after: int
         return results
     except KeyboardInterrupt:
         if rank == 0:
-            rd.set_status("KILLED", step=step or rd.last_step(), error="interrupted")
+            rd.set_status("KILLED", step=step, error="interrupted")
         raise
     except Exception as err:
         if rank == 0:
-            rd.set_status("FAILED", step=step or rd.last_step(),
+            rd.set_status("FAILED", step=step,
                           error=str(err).splitlines()[0] if str(err) else type(err).__name__)
         raise
 
