@@ -116,12 +116,12 @@ def write_markdown(result: dict, path: Path) -> None:
             + (f"{r['startup_seconds']:.1f} | {r['steady_tokens_per_s']:,.0f} |" if "startup_seconds" in r
                else "- | - |")
             + (" " + ", ".join(f"{x:.2f}" for x in r["runs_seconds"]) + " |" if "runs_seconds" in r else " - |"))
+    med = {(r["scale"], r["cpus"], r["path"].startswith("Ray"), r.get("cold", False)): statistics.median(
+        r["runs_seconds"]) for r in rows if "runs_seconds" in r}
     verdicts = []
     for scale in sorted({r["scale"] for r in rows}):
         ratio = rate[(scale, 2, True, False)] / rate[(scale, 1, False, False)]
         text = f"scale {scale}: {ratio:.2f}x ({'met' if ratio >= 1 else 'not met'}"
-        med = {key: statistics.median(r["runs_seconds"]) for r in rows if "runs_seconds" in r
-               for key in [(r["scale"], r["cpus"], r["path"].startswith("Ray"), r.get("cold", False))]}
         if (scale, 2, True, False) in med and (scale, 1, False, False) in med:
             text += f"; {med[(scale, 1, False, False)] / med[(scale, 2, True, False)]:.2f}x on median times"
         verdicts.append(text + ")")

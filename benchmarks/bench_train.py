@@ -73,16 +73,13 @@ def main() -> None:
             whole: dict[str, float] = {"local": 0.0, "ray": 0.0}
             wall: dict[str, float] = {}
             for rep in range(args.repeats):  # alternate, so drift on a shared machine hits both paths
-                t0 = time.perf_counter()
-                res = run_local(cfg, Path(tmp) / f"local-{kind}-{rep}", progress=False)
-                wall["local"] = time.perf_counter() - t0
-                best["local"] = max(best["local"], RunDir(Path(tmp) / f"local-{kind}-{rep}").steady_tokens_per_s())
-                whole["local"] = max(whole["local"], res[M.TRAIN_THROUGHPUT])
-                t0 = time.perf_counter()
-                res = fit(cfg, run_dir=Path(tmp) / f"ray-{kind}-{rep}")
-                wall["ray"] = time.perf_counter() - t0
-                best["ray"] = max(best["ray"], RunDir(Path(tmp) / f"ray-{kind}-{rep}").steady_tokens_per_s())
-                whole["ray"] = max(whole["ray"], res[M.TRAIN_THROUGHPUT])
+                for mode in ("local", "ray"):
+                    run_dir = Path(tmp) / f"{mode}-{kind}-{rep}"
+                    t0 = time.perf_counter()
+                    res = run_local(cfg, run_dir, progress=False) if mode == "local" else fit(cfg, run_dir=run_dir)
+                    wall[mode] = time.perf_counter() - t0
+                    best[mode] = max(best[mode], RunDir(run_dir).steady_tokens_per_s())
+                    whole[mode] = max(whole[mode], res[M.TRAIN_THROUGHPUT])
             a, b, t_local, t_ray = best["local"], best["ray"], wall["local"], wall["ray"]
             rows.append({"kind": kind, "local_tokens_per_s": a, "ray_tokens_per_s": b,
                          "ray_overhead": a / b - 1, "local_wall_s": t_local, "ray_wall_s": t_ray,
