@@ -50,8 +50,6 @@ def plain_tokenize(tok_path: Path, items: list[dict], _work: Path) -> tuple[int,
 def plain_job(tok_path: Path, items: list[dict], work: Path) -> tuple[int, int, float]:
     """The job's work in this process, no Ray: the actor's code on each block, then the same shard
     writing with sha256 (``ShardSink``); (documents, tokens, seconds)."""
-    import webdataset  # noqa: F401  (imported by the first shard otherwise: imports stay outside the timing)
-
     from pipelines.tokenize import ShardSink, TokenizeActor, token_dtype, work_blocks
 
     folder = Path(tempfile.mkdtemp(dir=work, prefix="plain_job_"))

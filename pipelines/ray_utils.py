@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
+
+from rattention.errors import ConfigError
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False,
@@ -18,9 +21,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
     import ray
 
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS") or None
+        address = cluster_address(address)
         if address:
-            ray.init(address=address, log_to_driver=True, **kwargs)
+            check_reachable(address)
+            try:
+                ray.init(address=address, log_to_driver=True, **kwargs)
+            except ConnectionError as err:  # Ray's own message is a long traceback
+                raise ConfigError(f"address: cannot join the Ray cluster at {address!r} ({err})") from None
         else:
             # Ray starts its workers at niceness 15, behind its own services; on a small machine the
             # workers are the job (measured on 2 cores: Ray Train's overhead on training tokens/s was
@@ -31,6 +38,29 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
             ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                      log_to_driver=True, **kwargs)
     return ray.cluster_resources()
+
+
+def cluster_address(address: str | None) -> str | None:
+    """The Ray cluster to join: ``address``, else ``RAY_ADDRESS``, else None (start a local Ray)."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """A one-line ConfigError when nothing listens at a ``[ray://]HOST:PORT`` address.
+
+    Without this, ``ray.init`` retries a dead address for many minutes (measured: over 10) and then
+    raises a long traceback. Other forms (``auto``, ``local``) are left to Ray.
+    """
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ConfigError(
+            f"address: nothing answers at {address!r} ({err.strerror or err}); start a cluster with "
+            "`ray start --head`, or leave --address and RAY_ADDRESS unset for a local Ray"
+        ) from None
 
 
 def cluster_cpus() -> int:

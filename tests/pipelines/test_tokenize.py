@@ -269,6 +269,23 @@ def test_cli_error_is_one_line(tmp_path):
     assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: no such file or folder"]
 
 
+def test_dead_cluster_address_is_one_line_and_quick(tmp_path):
+    """A --address where nothing listens fails at once, in one line (ray.init alone retries for minutes)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # free once closed
+    (tmp_path / "a.txt").write_text("some text\n")
+    r = subprocess.run(
+        [sys.executable, "-m", "rattention.cli", "data", "prepare", str(tmp_path / "a.txt"), "--out",
+         str(tmp_path / "o"), "--address", f"127.0.0.1:{port}"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: address: nothing answers at '127.0.0.1:{port}'")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 30, 1000])
 def test_jsonl_byte_ranges_partition_the_lines(tmp_path, chunk):
     """Any chunking of a jsonl file reads every line exactly once (a line goes to the range of its first byte)."""
