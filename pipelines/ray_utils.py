@@ -55,7 +55,7 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
     if not sep or not port.isdigit():
         return
     try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()  # [IPv6]:port too
     except OSError as err:
         raise ConfigError(
             f"address: nothing answers at {address!r} ({err.strerror or err}); start a cluster with "

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from pipelines.ray_utils import check_reachable, cluster_address
 from rattention.data import FORMAT_VERSION, sha256_file
 from rattention.errors import ConfigError, DataError
 
@@ -424,6 +425,7 @@ class SplitWriter:
         if self._tar is None or self.shards[-1]["tokens"] >= self.shard_tokens:
             self.close()
             self._open()
+        assert self._tar is not None
         for name, arr in arrays.items():
             buf = io.BytesIO()
             np.save(buf, arr, allow_pickle=False)
@@ -431,7 +433,7 @@ class SplitWriter:
             # fixed metadata (mtime 0, no owner): the tar bytes, and sha256, are a function of the content
             member.size, member.mode, member.mtime = buf.tell(), 0o444, 0
             buf.seek(0)
-            self._tar.addfile(member, buf)  # type: ignore[union-attr]
+            self._tar.addfile(member, buf)
         self.shards[-1]["documents"] += 1
         self.shards[-1]["tokens"] += n_tokens
 
@@ -609,8 +611,6 @@ def _build(
     if existing is not None:
         log(f"{cfg.out}: up to date (fingerprint {fingerprint[:12]}), nothing to do")
         return existing
-    from pipelines.ray_utils import check_reachable, cluster_address
-
     if address := cluster_address(cfg.address):
         check_reachable(address)  # before the tokenizer's training, not after
     tmp = temp_folder(cfg.out)
