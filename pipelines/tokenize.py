@@ -389,7 +389,7 @@ class TokenizeActor:
             docs.extend(res.docs)
             for reason, n in res.skipped.items():
                 skipped[reason] = skipped.get(reason, 0) + n
-        # one encode call per block: 8% less CPU than a call per file (measured on stdlib)
+        # one encode call per block, not per file: 6-15% less CPU on stdlib (3 in-process pairs)
         encs = self.tok.encode_batch_fast([t for _, t, _ in docs], add_special_tokens=False) if docs else []
         rows = [(doc_key(doc_id), split_of(doc_id, self.val_fraction),
                  np.asarray(enc.ids, dtype=self.dtype).tobytes(), bad, "")
