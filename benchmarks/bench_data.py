@@ -21,10 +21,13 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any, TypeVar
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the plain loop is one core, like one actor
+T = TypeVar("T")
 
 
 def plain_tokenize(tok_path: Path, items: list[dict], _work: Path) -> tuple[int, int, float]:
@@ -64,7 +67,7 @@ def plain_job(tok_path: Path, items: list[dict], work: Path) -> tuple[int, int, 
     return sum(s["documents"] for s in splits.values()), sum(s["tokens"] for s in splits.values()), secs
 
 
-def in_fresh_process(fn, *args):  # noqa: ANN001, ANN201
+def in_fresh_process(fn: Callable[..., T], *args: Any) -> T:
     """Run ``fn(*args)`` in a fresh process, as each Ray job's actors are.
 
     Measured on 2 cores: in one long-lived process, each new tokenizer made the next loop slower
@@ -75,7 +78,7 @@ def in_fresh_process(fn, *args):  # noqa: ANN001, ANN201
         return pool.apply(fn, args)
 
 
-PLAIN = {  # row label -> function; the first is the baseline of the target's verdict
+PLAIN = {  # row label -> function: both are baselines of the target's verdict
     "plain loop, same job (shards, sha256), 1 process": plain_job,
     "plain loop, tokenize only, 1 process": plain_tokenize,
 }
@@ -185,7 +188,8 @@ def write_markdown(result: dict, path: Path) -> None:
         "`prepare` job on a running local Ray: listing, fingerprint, Ray Data (actor start-up included), "
         "shard writing, sha256 and manifest. Starting Ray itself took "
         + ", ".join(f"{v:.1f} s ({k} CPU)" for k, v in result["ray_init_seconds"].items())
-        + " and is not included. Imports are outside every timing. *Actor start-up* is the time from the "
+        + " and is not included. The driver's and the plain loops' imports are outside every timing (the "
+        "actors' are inside: they are their start-up). *Actor start-up* is the time from the "
         "start of Ray Data's execution until the first actor starts tokenizing (a worker process, `import "
         "ray.data`, the tokenizer); *steady* is all the tokens over the time after that. Best of "
         f"{result['repeats']} runs per row, interleaved (every run in the last column: this VM's speed "
