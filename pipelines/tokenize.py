@@ -417,7 +417,7 @@ class SplitWriter:
 
     def _open(self) -> None:
         name = f"{self.split}-{len(self.shards):06d}.tar"
-        self._tar = tarfile.open(self.folder / name, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (spans writes)
+        self._tar = tarfile.open(self.folder / name, "w")  # noqa: SIM115 (open across writes)
         self.shards.append({"file": name, "documents": 0, "tokens": 0})
 
     def write(self, key: str, arrays: dict[str, np.ndarray], n_tokens: int) -> None:
