@@ -339,7 +339,7 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int, eos_token: str = EOS_
 def _sample_texts(items: list[dict[str, Any]], cfg: PrepareConfig) -> Iterator[str]:
     """Up to ``tokenizer_sample_mb`` of text, from work items spread evenly over the corpus."""
     budget = int(cfg.tokenizer_sample_mb * 1e6)
-    total = sum(it["end"] - it["start"] if it["end"] >= 0 else Path(it["path"]).stat().st_size for it in items)
+    total = sum(it["size"] for it in items)
     stride = max(1, -(-total // budget))  # every stride-th item when the corpus exceeds the budget
     used = 0
     for it in items[::stride]:

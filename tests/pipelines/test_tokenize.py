@@ -315,7 +315,7 @@ def test_bundles_keep_order_and_balance_bytes(n):
     assert [it["id"] for run in runs for it in run] == list(range(40))
     assert len(runs) == min(n, 40) and all(runs)
     totals = [sum(it["size"] for it in run) for run in runs]
-    # a run with the outsize file may exceed the others by it; the rest stay within one ordinary file
+    # a run with the outsize file may exceed the others by it; the rest stay within two ordinary files
     others = [t for t, run in zip(totals, runs, strict=True) if all(it["id"] != 5 for it in run)]
     if len(others) > 1:
         assert max(others) - min(others) <= 2 * 50_000
