@@ -53,12 +53,13 @@ def plain_tokenize(tok_path: Path, items: list[dict], _work: Path) -> tuple[int,
 def plain_job(tok_path: Path, items: list[dict], work: Path) -> tuple[int, int, float]:
     """The job's work in this process, no Ray: the actor's code on each block, then the same shard
     writing with sha256 (``ShardSink``); (documents, tokens, seconds)."""
-    from pipelines.tokenize import ShardSink, TokenizeActor, token_dtype, work_blocks
+    from pipelines.tokenize import ShardSink, TokenizeActor, make_config, token_dtype, work_blocks
 
     folder = Path(tempfile.mkdtemp(dir=work, prefix="plain_job_"))
+    cfg = make_config(out=folder)  # the job's defaults
     t0 = time.perf_counter()
-    actor = TokenizeActor(tok_path.read_text(), "text", "text", 0.05)
-    sink = ShardSink(folder, 500_000, token_dtype(actor.tok.get_vocab_size()))
+    actor = TokenizeActor(tok_path.read_text(), cfg.text_field, cfg.parquet_column, cfg.val_fraction)
+    sink = ShardSink(folder, cfg.shard_tokens, token_dtype(actor.tok.get_vocab_size()))
     for block in work_blocks(items, 1):
         sink.add(actor({"items": [block]}))
     splits = sink.finish()
