@@ -120,8 +120,8 @@ def loader_rate(path: Path, seq_len: int, batch_size: int, num_workers: int, sec
 
 def paired_ratio(plain: list[float], ray: list[float], level: float = 0.9, resamples: int = 10_000,
                  seed: int = 0) -> tuple[float, float, float]:
-    """The plain loop's time over the Ray job's, from interleaved pairs (repeat i of each, run minutes
-    apart under the same load): geometric mean of the pair ratios and a seeded bootstrap ``level``
+    """The plain loop's time over the Ray job's, from interleaved pairs (repeat i of each, run within
+    a minute or two of each other): geometric mean of the pair ratios and a seeded bootstrap ``level``
     interval of it. Pairing cancels this VM's drift between repeats; the interval is the noise left."""
     logs = [math.log(p / r) for p, r in zip(plain, ray, strict=True)]
     rng = random.Random(seed)
@@ -135,7 +135,8 @@ def _verdicts(rows: list[dict]) -> tuple[list[str], dict]:
 
     The estimate is ``paired_ratio`` over the interleaved pairs. "No slower" is met when Ray is faster
     (the whole 90% interval above 1x) or equal within noise (the interval holds 1x), and missed only
-    when Ray is measurably slower (the whole interval below 1x). Best-of and medians are shown beside.
+    when Ray is measurably slower (the whole interval below 1x); fewer than 3 pairs are not judged.
+    Best-of and medians are shown beside.
     """
     best = {(r["scale"], r["kind"], r["cpus"], r.get("cold", False)): r for r in rows}
     med = {k: statistics.median(r["runs_seconds"]) for k, r in best.items()}
@@ -148,8 +149,8 @@ def _verdicts(rows: list[dict]) -> tuple[list[str], dict]:
             n = len(best[ray2]["runs_seconds"])
             gm, lo, hi = paired_ratio(best[plain]["runs_seconds"], best[ray2]["runs_seconds"])
             wins = sum(p >= r for p, r in zip(best[plain]["runs_seconds"], best[ray2]["runs_seconds"], strict=True))
-            verdict = ("Ray faster: met" if lo > 1 else "Ray slower: NOT met" if hi < 1
-                       else "equal within noise, no slower: met")
+            verdict = ("too few repeats to judge (--repeats 5 or more)" if n < 3 else "Ray faster: met"
+                       if lo > 1 else "Ray slower: NOT met" if hi < 1 else "equal within noise, no slower: met")
             parts.append(
                 f"against {label}, {gm:.3f}x over {n} interleaved pairs (90% interval {lo:.3f}-{hi:.3f}x; "
                 f"Ray faster in {wins} of {n}; best-of {best[plain]['seconds'] / best[ray2]['seconds']:.3f}x, "
