@@ -32,21 +32,24 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the plain loop is on
 T = TypeVar("T")
 
 
-def plain_tokenize(tok_path: Path, items: list[dict], _work: Path) -> tuple[int, int, float]:
-    """Read, decode and encode every file in this process, nothing kept: (documents, tokens, seconds).
+def plain_tokenize(tok_path: Path, items: list[dict], work: Path) -> tuple[int, int, float]:
+    """Read, decode and encode every work item in this process, nothing kept: (documents, tokens, seconds).
 
-    One encode call per block of files, the blocks a one-actor job would get (as the actors do).
+    The job's reader (``read_item``), and one encode call per block of items, the blocks a one-actor
+    job would get (as the actors do).
     """
     from tokenizers import Tokenizer
 
-    from pipelines.tokenize import decode_bytes, work_blocks
+    from pipelines.tokenize import make_config, read_item, work_blocks
 
+    cfg = make_config(out=work / "unused")  # the job's default text field and parquet column
     t0 = time.perf_counter()
     tok = Tokenizer.from_file(str(tok_path))
     tok.encode_special_tokens = True
     docs = tokens = 0
     for block in work_blocks(items, 1):
-        texts = [t for t in (decode_bytes(Path(it["path"]).read_bytes())[0] for it in json.loads(block)) if t.strip()]
+        texts = [text for it in json.loads(block)
+                 for _, text, _ in read_item(it, cfg.text_field, cfg.parquet_column).docs]
         tokens += sum(len(e.ids) for e in tok.encode_batch_fast(texts, add_special_tokens=False))
         docs += len(texts)
     return docs, tokens, time.perf_counter() - t0
@@ -87,7 +90,7 @@ PLAIN = {  # row label -> function: both are baselines of the target's verdict
 }
 
 
-def ray_run(tok_path: Path, cpus: int, work: Path, max_files: int | None, scale: int) -> dict[str, float]:
+def ray_run(tok_path: Path, cpus: int, work: Path, max_files: int | None, scale: int) -> dict[str, Any]:
     """The real ``prepare`` job (``stdlib`` listed ``scale`` times) on the running local Ray."""
     from pipelines.tokenize import make_config, prepare
 
@@ -100,7 +103,7 @@ def ray_run(tok_path: Path, cpus: int, work: Path, max_files: int | None, scale:
     tm = m["timings"]
     steady = m["counts"]["tokens"] / max(1e-9, tm["ray_data_seconds"] - tm["startup_seconds"])
     return {"documents": m["counts"]["documents"], "tokens": m["counts"]["tokens"], "seconds": secs,
-            "startup_seconds": tm["startup_seconds"], "steady_tokens_per_s": steady, "out": str(out)}
+            "startup_seconds": tm["startup_seconds"], "steady_tokens_per_s": steady, "out": out}
 
 
 def loader_rate(path: Path, seq_len: int, batch_size: int, num_workers: int, seconds: float) -> float:
@@ -260,6 +263,8 @@ def main() -> None:
     ap.add_argument("--markdown", default=str(Path(__file__).parent / "data.md"))
     ap.add_argument("--render-only", action="store_true", help="rewrite the markdown from the JSON")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.render_only:
         write_markdown(json.loads(Path(args.out).read_text()), Path(args.markdown))
         return
@@ -313,6 +318,8 @@ def main() -> None:
                 plan = [(args.scales[0], True)] + [(scale, False) for scale in args.scales]
                 for scale, cold in plan:
                     r = ray_run(tok_path, cpus, work, args.max_files, scale)
+                    if cpus == 2 and scale == args.scales[0]:
+                        loader_ds = r["out"]  # the loader's figures read this dataset
                     assert r["tokens"] == plain_tokens[scale], (r["tokens"], plain_tokens[scale])  # same result
                     keep({"scale": scale, "path": f"Ray Data prepare, {cpus} CPU"
                           + (", first job on a fresh Ray" if cold else ""), "kind": "ray", "cpus": cpus,
@@ -322,11 +329,10 @@ def main() -> None:
                 ray.shutdown()
         order = {"plain_job": 0, "plain_tokenize": 1, "ray": 2}
         rows = sorted(best.values(), key=lambda r: (r["scale"], order[r["kind"]], r["cpus"], not r.get("cold")))
-        ds = work / f"ray2x{args.scales[0]}"
         loader = []
         for seq_len, bs, nw in ((256, 16, 0), (1024, 8, 0), (1024, 8, 2)):
             loader.append({"seq_len": seq_len, "batch_size": bs, "num_workers": nw,
-                           "tokens_per_s": loader_rate(ds, seq_len, bs, nw, seconds=5.0)})
+                           "tokens_per_s": loader_rate(loader_ds, seq_len, bs, nw, seconds=5.0)})
         cmd = "python benchmarks/bench_data.py" + (f" --max-files {args.max_files}" if args.max_files else "") + (
             f" --repeats {args.repeats}" if args.repeats != 1 else "") + (
             f" --scales {' '.join(map(str, args.scales))}" if args.scales != [1, 4] else "")
