@@ -56,7 +56,7 @@ def main() -> None:
     from rattention.provenance import provenance
     from rattention.run_config import load_run_config
     from rattention.rundir import RunDir
-    from rattention.train import run_local
+    from rattention import lifecycle
 
     cores = os.cpu_count() or 1
     rows = []
@@ -76,7 +76,7 @@ def main() -> None:
                 for mode in ("local", "ray"):
                     run_dir = Path(tmp) / f"{mode}-{kind}-{rep}"
                     t0 = time.perf_counter()
-                    res = run_local(cfg, run_dir, progress=False) if mode == "local" else fit(cfg, run_dir=run_dir)
+                    res = lifecycle.run(cfg, run_dir, progress=False) if mode == "local" else fit(cfg, run_dir=run_dir)
                     wall[mode] = time.perf_counter() - t0
                     best[mode] = max(best[mode], RunDir(run_dir).steady_tokens_per_s())
                     whole[mode] = max(whole[mode], res[M.TRAIN_THROUGHPUT])

@@ -26,7 +26,7 @@ from pipelines.tokenize import (
     write_manifest,
 )
 from rattention.data import FORMAT_VERSION, iter_samples, read_manifest, sha256_file
-from rattention.errors import ConfigError, DataError
+from rattention.errors import ConfigError, DataError, format_validation_error
 from rattention.tasks import TASKS, TaskVocab, generate
 
 MASK_DOC = "uint8 per token, 1 where the token is an answer: score the prediction of tokens[t] from tokens[:t]"
@@ -56,8 +56,7 @@ def make_config(**kwargs: Any) -> SynthConfig:
     try:
         cfg = SynthConfig(**kwargs)
     except ValidationError as err:
-        e = err.errors()[0]
-        raise ConfigError(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})") from None
+        raise ConfigError(format_validation_error(err)) from None
     if cfg.kind not in TASKS:
         raise ConfigError(f"kind: must be one of {', '.join(TASKS)}, got {cfg.kind!r}")
     allowed = [p for p in inspect.signature(TASKS[cfg.kind]).parameters if p not in ("rng", "vocab", "seq_len")]
@@ -189,46 +188,3 @@ def synth(cfg: SynthConfig, log: Any = print) -> dict[str, Any]:
     log(f"synthesised {cfg.out}: {cfg.samples} {cfg.kind} samples of {cfg.seq_len} tokens, "
         f"{len(split['shards'])} shards, {secs:.1f} s")
     return manifest
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m pipelines.synth KIND --out DIR ...`` (a ``ray job submit`` entrypoint)."""
-    import argparse
-    import sys
-
-    import yaml
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("kind", choices=sorted(TASKS))
-    ap.add_argument("--out", required=True)
-    d = SynthConfig.model_fields  # the defaults live on the config, once
-    ap.add_argument("--samples", type=int, default=d["samples"].default)
-    ap.add_argument("--seq-len", type=int, default=d["seq_len"].default)
-    ap.add_argument("--seed", type=int, default=d["seed"].default)
-    ap.add_argument("--split", default=d["split"].default)
-    ap.add_argument("--vocab-size", type=int)
-    ap.add_argument("--like")
-    ap.add_argument("--haystack", default=d["haystack"].default)
-    ap.add_argument("-p", "--param", action="append", default=[], help="KEY=VALUE (YAML value)")
-    ap.add_argument("--num-cpus", type=int)
-    ap.add_argument("--address")
-    ap.add_argument("--force", action="store_true")
-    a = ap.parse_args(argv)
-    try:
-        params = {}
-        for item in a.param:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ConfigError(f"--param {item!r}: expected KEY=VALUE")
-            params[key] = yaml.safe_load(value)
-        cfg = make_config(kind=a.kind, out=a.out, samples=a.samples, seq_len=a.seq_len, seed=a.seed,
-                          split=a.split, vocab_size=a.vocab_size, like=a.like, haystack=a.haystack,
-                          params=params, num_cpus=a.num_cpus, address=a.address, force=a.force)
-        synth(cfg)
-    except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

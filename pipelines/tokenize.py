@@ -11,7 +11,7 @@ On a cluster (``--address`` or ``RAY_ADDRESS``) the actors open the input files 
 inputs must be on storage every node sees (a shared filesystem, or the same image for ``stdlib``);
 the output folder is written on the driver's machine.
 
-Usable as ``ray job submit -- python -m pipelines.tokenize --out DIR ...``.
+Usable as ``ray job submit -- python -m rattention data prepare --out DIR ...``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import socket
-import sys
 import sysconfig
 import tarfile
 import time
@@ -39,7 +38,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from pipelines.ray_utils import check_reachable, cluster_address
 from rattention.data import FORMAT_VERSION, sha256_file
-from rattention.errors import ConfigError, DataError
+from rattention.errors import ConfigError, DataError, format_validation_error
 
 EOS_TOKEN = "<|endoftext|>"
 TEXT_SUFFIXES = (".txt", ".md", ".py")
@@ -92,9 +91,7 @@ def make_config(**kwargs: Any) -> PrepareConfig:
     try:
         return PrepareConfig(**kwargs)
     except ValidationError as err:
-        e = err.errors()[0]
-        loc = ".".join(str(p) for p in e["loc"]) or "config"
-        raise ConfigError(f"{loc}: {e['msg']} (got {e.get('input')!r})") from None
+        raise ConfigError(format_validation_error(err)) from None
 
 
 # ----- reading documents ------------------------------------------------------------------------
@@ -763,40 +760,3 @@ def _read_tar_tokens(path: Path) -> Iterator[tuple[str, np.ndarray]]:
             if m.name.endswith(".tokens.npy"):
                 data = tf.extractfile(m).read()  # type: ignore[union-attr]
                 yield m.name.split(".")[0], np.load(io.BytesIO(data))
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m pipelines.tokenize``: the same job as ``rattention data prepare``."""
-    import argparse
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("sources", nargs="*", default=["stdlib"])
-    ap.add_argument("--out", required=True)
-    d = PrepareConfig.model_fields  # the defaults live on the config, once
-    ap.add_argument("--vocab-size", type=int, default=d["vocab_size"].default)
-    ap.add_argument("--tokenizer")
-    ap.add_argument("--tokenizer-sample-mb", type=float, default=d["tokenizer_sample_mb"].default)
-    ap.add_argument("--text-field", default=d["text_field"].default)
-    ap.add_argument("--parquet-column", default=d["parquet_column"].default)
-    ap.add_argument("--val-fraction", type=float, default=d["val_fraction"].default)
-    ap.add_argument("--shard-tokens", type=int, default=d["shard_tokens"].default)
-    ap.add_argument("--max-files", type=int)
-    ap.add_argument("--num-cpus", type=int)
-    ap.add_argument("--address")
-    ap.add_argument("--force", action="store_true")
-    a = ap.parse_args(argv)
-    try:
-        cfg = make_config(
-            out=a.out, sources=a.sources, vocab_size=a.vocab_size, tokenizer=a.tokenizer,
-            tokenizer_sample_mb=a.tokenizer_sample_mb, text_field=a.text_field, parquet_column=a.parquet_column,
-            val_fraction=a.val_fraction, shard_tokens=a.shard_tokens, max_files=a.max_files,
-            num_cpus=a.num_cpus, address=a.address, force=a.force,
-        )
-        prepare(cfg)
-    except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

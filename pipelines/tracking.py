@@ -99,11 +99,28 @@ def local_server(folder: str | Path) -> Iterator[str]:
         log.close()
 
 
+def check_uri(uri: str, field: str = "tracking.uri") -> None:
+    """A one-line ConfigError, before any compute, when ``uri`` is not a tracking URI or nothing answers."""
+    scheme = uri.split("://", 1)[0] if "://" in uri else ""
+    if scheme not in ("http", "https", "sqlite", "file", "postgresql", "mysql", "databricks"):
+        raise ConfigError(f"{field}: {uri!r} is not a tracking URI; use http://HOST:PORT of an MLflow server "
+                          "(or leave it unset for a local one)")
+    if scheme in ("http", "https") and not server_alive(uri, timeout=5.0):
+        raise ConfigError(f"{field}: no MLflow server answers at {uri}; start one or leave it unset for a "
+                          "local one")
+
+
 @contextlib.contextmanager
-def tracking_uri(uri: str | None, server_dir: str | Path) -> Iterator[str]:
-    """The config's URI, else ``MLFLOW_TRACKING_URI``, else a local server for the block's lifetime."""
+def tracking_uri(uri: str | None, server_dir: str | Path, check: bool = True) -> Iterator[str]:
+    """The config's URI, else ``MLFLOW_TRACKING_URI``, else a local server for the block's lifetime.
+
+    A given URI is checked first (``check_uri``), so a dead server is a one-line error before training.
+    """
+    field = "tracking.uri" if uri else "MLFLOW_TRACKING_URI"
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or None
     if uri:
+        if check:
+            check_uri(uri, field)
         yield uri
         return
     with local_server(server_dir) as local:
@@ -172,7 +189,58 @@ def end_run(c: Any, run_id: str, status: str) -> None:
     c.set_terminated(run_id, status=status)
 
 
-def log_artifact(c: Any, run_id: str, path: str | Path) -> None:
+def log_artifact(c: Any, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
     if Path(path).is_file():
-        c.log_artifact(run_id, str(path))
+        c.log_artifact(run_id, str(path), artifact_path=artifact_path)
+
+
+class MlflowTracker:
+    """The lifecycle's tracker (``rattention.lifecycle.Tracker``) on an MLflow server.
+
+    Holds only the URI and the experiment, so it pickles to Ray workers; each process makes its client.
+    """
+
+    def __init__(self, uri: str, experiment: str, source: str | Path | None = None):
+        self.uri, self.experiment = uri, experiment
+        self.source = str(source) if source is not None else None  # the YAML the user wrote: under source/
+        self._client: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"uri": self.uri, "experiment": self.experiment, "source": self.source}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["uri"], state["experiment"], state["source"])
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = client(self.uri)
+        return self._client
+
+    def start(self, name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
+        run_id = start_run(self.client, self.experiment, name, tags, params)
+        if self.source is not None:
+            log_artifact(self.client, run_id, self.source, artifact_path="source")
+        return run_id
+
+    def sink(self, run: str) -> MlflowSink:
+        return MlflowSink(self.uri, run)
+
+    def log_results(self, run: str, step: int, results: dict[str, Any]) -> None:
+        log_metrics(self.client, run, step, results)
+
+    def log_files(self, run: str, paths: list[Path]) -> None:
+        for path in paths:
+            log_artifact(self.client, run, path)
+
+    def end(self, run: str, status: str) -> None:
+        end_run(self.client, run, status)
+
+    def close_stale(self, run: str) -> None:
+        """Mark an earlier attempt's run KILLED when its process died and left it RUNNING."""
+        try:
+            if self.client.get_run(run).info.status == "RUNNING":
+                end_run(self.client, run, "KILLED")
+        except Exception:  # noqa: BLE001 - a run deleted or on another server: nothing to close
+            pass
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -75,6 +76,18 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """When the loop saves: every ``every`` steps (0: never in between), at the last step, and when a
+    session stops early (a preemption), so a resumed run loses nothing."""
+
+    every: int
+    total: int
+
+    def due(self, step: int, stopping: bool = False) -> bool:
+        return step == self.total or stopping or bool(self.every and step % self.every == 0)
 
 
 class LocalCheckpointer:

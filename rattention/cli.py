@@ -9,12 +9,20 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import click
 import typer
+
+# typer 0.29 carries its own copy of click (typer._click) and no longer uses the click package; its
+# usage errors are these classes, not click's. pyproject pins typer exactly for that reason.
+from typer._click.exceptions import NoArgsIsHelpError, UsageError
 
 from rattention.errors import ConfigError, RattentionError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+# pretty_exceptions_enable=False: no rich traceback panels (main() turns user errors into one line; a
+# real bug keeps Python's plain traceback).
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help=__doc__.splitlines()[0])
+
+
 def _prepare_default(name: str):
     """A ``rattention data prepare`` option's default: the job config's, so the two cannot drift."""
     from pipelines.tokenize import PrepareConfig
@@ -125,22 +133,55 @@ def train(
     config: Path = typer.Argument(..., help="Run config YAML (see configs/)."),
     overrides: list[str] = typer.Argument(None, help="Dotted key=value overrides, e.g. train.lr=3e-4"),
     run_dir: Path = typer.Option(None, "--run-dir", help="Run folder (default: train.out_dir/<run name>)."),
-    no_ray: bool = typer.Option(False, "--no-ray", help="Plain torch, no Ray, no MLflow: a run folder only "
-                                "(import it later with import-run)."),
+    no_ray: bool = typer.Option(False, "--no-ray", help="Plain torch in this process (torchrun for DDP): no Ray. "
+                                "Tracked in MLflow only when tracking.uri or MLFLOW_TRACKING_URI is set; "
+                                "else a run folder only (import it later with import-run)."),
 ) -> None:
-    """Train one run on Ray Train, tracked in MLflow (or with --no-ray, into a run folder only)."""
+    """Train one run on Ray Train, tracked in MLflow (or with --no-ray, in this process).
+
+    The run's folder is named by a hash of its config, data and code: the same command again returns
+    a finished run's results without training, or resumes an interrupted run from its checkpoint.
+    """
     from rattention.run_config import load_run_config
 
     cfg = load_run_config(config, overrides or [])
-    if no_ray:
-        from rattention.train import run_local
+    try:
+        if no_ray:
+            results = _train_here(cfg, config, run_dir)
+        else:
+            from pipelines.train import fit
 
-        results = run_local(cfg, run_dir)
-    else:
-        from pipelines.train import fit
+            results = fit(cfg, config, run_dir)
+    except KeyboardInterrupt:
+        print("interrupted: run marked KILLED; the same command resumes it from its last checkpoint",
+              file=sys.stderr)
+        raise typer.Exit(130) from None
+    if results:
+        _print_results(results)
 
-        results = fit(cfg, config, run_dir)
-    _print_results(results)
+
+def _train_here(cfg, config: Path, run_dir: Path | None) -> dict:
+    """``train --no-ray``: the lifecycle in this process; under torchrun, one rank of the group."""
+    import os
+
+    import torch.distributed as dist
+
+    from rattention import metrics as M
+    from rattention.lifecycle import run
+
+    tracker = None
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        from pipelines.tracking import MlflowTracker, check_uri
+
+        check_uri(uri, "tracking.uri" if cfg.tracking.uri else "MLFLOW_TRACKING_URI")
+        tracker = MlflowTracker(uri, cfg.tracking.experiment, source=config)
+    try:
+        results = run(cfg, run_dir, tracker=tracker, tags={M.TAG_SOURCE: "local"})
+        return results if not dist.is_initialized() or dist.get_rank() == 0 else {}
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @app.command("eval")
@@ -192,21 +233,44 @@ def demo(
     run_demo(workdir, steps=steps, window=window)
 
 
-def main() -> None:
-    """Console entry point: user errors print one line and exit 2."""
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point (also ``python -m rattention``). Every failure ends in one line on stderr:
+    usage and config errors exit 2, Ctrl-C exits 130; ``--help`` exits 0.
+
+    It parses and invokes the app itself instead of calling ``app()``, whose main turns a Ctrl-C into a
+    bare exit code (130 returned, nothing printed; with ``standalone_mode=False`` the caller exited 0)
+    and a usage error into a multi-line panel.
+    """
+    command = typer.main.get_command(app)
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        app(standalone_mode=False)
+        with command.make_context("rattention", args) as ctx:
+            command.invoke(ctx)
+    except NoArgsIsHelpError as err:  # `rattention` or `rattention data` alone: the help, then the error
+        if err.message.strip():  # typer's rich help has printed itself already; plain help is the message
+            print(err.message)
+        _fail("Missing command.")
+    except UsageError as err:
+        message = err.format_message().rstrip()
+        if err.ctx is not None:  # the usage hint on the same line
+            message += f"{'' if message.endswith('.') else '.'} Try '{err.ctx.command_path} --help'."
+        _fail(message)
+    except typer.TyperException as err:  # click's other errors (a file that cannot be opened)
+        _fail(err.format_message(), err.exit_code)
     except RattentionError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except click.ClickException as err:
-        err.show()
+        _fail(str(err))
+    except (KeyboardInterrupt, typer.Abort) as err:
+        # A command may re-raise rattention.errors.Interrupted("run marked KILLED ...") to say what it left.
+        _fail(f"interrupted: {err}" if str(err) else "interrupted", 130)
+    except typer.Exit as err:  # --help, or a command's own typer.Exit(code)
         sys.exit(err.exit_code)
-    except click.exceptions.Exit as err:
-        sys.exit(err.exit_code)
-    except click.exceptions.Abort:
-        print("aborted", file=sys.stderr)
-        sys.exit(130)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    """Print ``error: <message>`` (or the interrupt line) as one line on stderr and exit with ``code``."""
+    line = " ".join(message.split())
+    print(line if code == 130 else f"error: {line}", file=sys.stderr)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -96,6 +96,23 @@ def shard_paths(path: str | Path, split: str, verify: bool = False) -> list[Path
     return out
 
 
+def loader_for(cfg: Any, split: str, rank: int = 0, world: int = 1, infinite: bool | None = None) -> PackedLoader:
+    """The packed-window loader of a run config (``rattention.run_config.RunConfig``) for this rank."""
+    return PackedLoader(cfg.data.path, split=split, seq_len=cfg.seq_len, batch_size=cfg.data.batch_size,
+                        seed=cfg.train.seed, rank=rank, world_size=world, infinite=infinite)
+
+
+def dataset_vocab(path: str | Path) -> int | None:
+    """The dataset's vocab size from its manifest (None when it does not say)."""
+    v = read_manifest(path).get("vocab_size")
+    return int(v) if v is not None else None
+
+
+def dataset_fingerprint(path: str | Path) -> str:
+    """The dataset's manifest fingerprint: what a run's identity records of its data."""
+    return str(read_manifest(path).get("fingerprint", "unknown"))
+
+
 def _npy(raw: bytes) -> np.ndarray:
     return np.load(io.BytesIO(raw), allow_pickle=False)
 

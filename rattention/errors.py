@@ -3,6 +3,12 @@ allowed; the command line prints that line alone, never a traceback."""
 
 from __future__ import annotations
 
+import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 
 class RattentionError(Exception):
     """Base class: bad input the user can fix. ``str(err)`` is the one-line message."""
@@ -18,3 +24,40 @@ class DataError(RattentionError):
 
 class TrainingError(RattentionError):
     """Training cannot go on (NaN/inf loss, no checkpoint to resume): the message names the step."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, re-raised by a command that says what it left behind (``run marked KILLED``).
+
+    The command line prints ``interrupted: <message>`` as its one line and exits 130; a plain
+    KeyboardInterrupt prints ``interrupted``."""
+
+
+# A validator's message that names its field first: "warmup_steps: must be <= ...", "model.window: ...".
+_NAMED = re.compile(r"^([A-Za-z_][\w.]*): (.*)$", re.S)
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """The one line for a pydantic error: ``prefix.field.path: message, got <input>``.
+
+    It reports the first error, with ``(and N more)`` when there are several. A validator may name its
+    field at the front of its message, relative to where it ran (a section's cross-field check:
+    ``train`` + ``warmup_steps: ...``) or in full (a nested model's ConfigError: ``model.window: ...``).
+    Its message then carries its own ``got``; pydantic's messages get the input appended.
+    """
+    errors = err.errors()
+    first = errors[0]
+    loc = [str(p) for p in first["loc"]]
+    kind, msg = first["type"], first["msg"].removeprefix("Value error, ")
+    if kind == "value_error" and (m := _NAMED.match(msg)):
+        named = m.group(1).split(".")
+        loc = named if named[: len(loc)] == loc else [*loc, *named]
+        msg = m.group(2)
+    if kind == "extra_forbidden":
+        msg = "unknown field"
+    elif (kind != "value_error" and "input" in first and ", got " not in msg
+          and not isinstance(first["input"], dict)):  # a missing field's input is its whole section
+        msg += f", got {first['input']!r}"
+    field = ".".join(p for p in (prefix, *loc) if p) or "config"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{field}: {msg}{more}"

@@ -27,10 +27,12 @@ import torch.nn.functional as F
 from rattention import metrics as M
 from rattention.cache import cache_bytes
 from rattention.checkpoint import STATE_FILE, load_checkpoint
+from rattention.data import loader_for, read_manifest
 from rattention.errors import DataError
 from rattention.model import LM, count_params
 from rattention.run_config import RunConfig, parse_run_config
 from rattention.rundir import RunDir
+from rattention.runtime import autocast, peak_memory_bytes, pick_device
 
 Model = Callable[[torch.Tensor], torch.Tensor]  # tokens (B, T) -> logits (B, T, V)
 
@@ -142,14 +144,15 @@ def task_metrics(model: Model, cfg: RunConfig, eos_id: int, device: torch.device
     vocab = tasks.TaskVocab(cfg.model.vocab_size, reserved=(eos_id,))
     w = cfg.model.window
     for task in cfg.eval.tasks:
+        fixed = cfg.eval.task_params.get(task)
         for mult in cfg.eval.task_lengths:
             length = mult * cfg.seq_len
             samples = list(tasks.generate(task, vocab, length, seed=1234, start=0, stop=cfg.eval.task_samples,
-                                          **_task_params(task, w)))
+                                          **(fixed if fixed is not None else _task_params(task, w))))
             scored = []
             for s in samples:
                 far = s.answer_pos[(s.answer_pos - 1 - s.source_pos) > w]
-                scored.append(far if len(far) else s.answer_pos)
+                scored.append(s.answer_pos if fixed is not None or not len(far) else far)
             toks = torch.from_numpy(np.stack([s.tokens for s in samples])).long()
             out[M.task_accuracy(task, length)] = task_accuracy(model, toks, scored, device)
     return out
@@ -209,8 +212,6 @@ def efficiency(cfg: RunConfig, model: LM | None = None, device: torch.device | s
         prompt = torch.randint(0, cfg.model.vocab_size, (1, min(64, cfg.seq_len)), device=device,
                                generator=torch.Generator(device=device).manual_seed(0))
         out[M.DECODE_THROUGHPUT] = decode_tokens_per_s(model, prompt, cfg.eval.decode_tokens)
-    from rattention.train import peak_memory_bytes
-
     out[M.PEAK_MEMORY] = float(max(train_peak_memory or 0, peak_memory_bytes(device)))
     return out
 
@@ -218,9 +219,7 @@ def efficiency(cfg: RunConfig, model: LM | None = None, device: torch.device | s
 # ----- everything --------------------------------------------------------------------------------------
 
 def _val_batches(cfg: RunConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    from rattention.train import make_loader
-
-    loader = make_loader(cfg, cfg.data.val_split, rank=0, world=1, infinite=False)
+    loader = loader_for(cfg, cfg.data.val_split, rank=0, world=1, infinite=False)
     out = []
     for i, batch in enumerate(loader):
         if i >= cfg.eval.val_batches:
@@ -232,9 +231,6 @@ def _val_batches(cfg: RunConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
 def evaluate(model: LM, cfg: RunConfig, train_tokens_per_s: float | None = None,
              train_peak_memory: int | None = None) -> dict[str, float]:
     """Every evaluation metric of ``model`` on ``cfg``'s validation split, by canonical name."""
-    from rattention.data import read_manifest
-    from rattention.train import autocast
-
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -285,8 +281,6 @@ def evaluate_path(path: str | Path, overrides: list[str] | None = None,
                   device: str = "auto") -> tuple[RunConfig, dict[str, float], dict[str, Any]]:
     """Evaluate a run folder or checkpoint; ``overrides`` (e.g. ``data.path=...``) adjust its config."""
     from rattention.run_config import apply_overrides
-    from rattention.train import pick_device
-
     dev = pick_device(device)
     cfg, model, state = load_model(path, dev)
     if overrides:

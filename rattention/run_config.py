@@ -13,8 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from rattention.config import ModelConfig, format_validation_error
-from rattention.errors import ConfigError
+from rattention.config import ModelConfig
+from rattention.errors import ConfigError, format_validation_error
 
 
 class _Section(BaseModel):
@@ -68,7 +68,12 @@ class EvalConfig(_Section):
     copy_span: int = Field(32, gt=1)  # tokens in the repeated span
     copy_distances: list[int] | None = None  # None: window // 2 and 2 * window (below and above the window)
     copy_samples: int = Field(8, gt=0)
-    tasks: list[str] = []  # synthetic tasks from rattention.tasks, e.g. [mqar, needle]
+    tasks: list[str] = []  # synthetic tasks from rattention.tasks: mqar, niah, passkey, vt
+    # Fixed task parameters, e.g. {mqar: {gap: 256, num_pairs: 8}}. Without them a task's evidence is
+    # placed relative to the window (MQAR's gap = window + 1) and only answers beyond the window are
+    # scored; with them every window sees the same samples and every answer is scored, so the metric
+    # compares across windows (what a window sweep needs).
+    task_params: dict[str, dict[str, Any]] = {}
     task_lengths: list[int] = [1, 2, 4]  # multiples of the training length
     task_samples: int = Field(16, gt=0)
     decode_tokens: int = Field(64, ge=0)  # tokens generated to time decoding; 0 skips it
@@ -78,6 +83,32 @@ class EvalConfig(_Section):
     def _buckets(cls, v: list[int]) -> list[int]:
         if not v or v[0] != 0 or any(b <= a for a, b in zip(v, v[1:], strict=False)):
             raise ValueError(f"must start at 0 and increase strictly, got {v}")
+        return v
+
+    @field_validator("tasks")
+    @classmethod
+    def _tasks(cls, v: list[str]) -> list[str]:
+        from rattention.tasks import TASKS
+
+        bad = [t for t in v if t not in TASKS]
+        if bad:
+            raise ValueError(f"unknown task {bad[0]!r}; allowed: {', '.join(TASKS)}")
+        return v
+
+    @field_validator("task_params")
+    @classmethod
+    def _task_params(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        import inspect
+
+        from rattention.tasks import TASKS
+
+        for task, params in v.items():
+            if task not in TASKS:
+                raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
+            allowed = [p for p in inspect.signature(TASKS[task]).parameters if p not in ("rng", "vocab", "seq_len")]
+            for name in params:
+                if name not in allowed:
+                    raise ValueError(f"{task}.{name}: not a parameter of {task}; allowed: {', '.join(allowed)}")
         return v
 
     @field_validator("copy_distances")
@@ -147,25 +178,6 @@ class RunConfig(_Section):
         return flatten(self.to_dict())
 
 
-_QUALIFIED = re.compile(r"^([A-Za-z_][\w.]*): (.*)$")
-
-
-def _error_line(err: ValidationError) -> str:
-    """One line naming the field, e.g. ``train.lr: Input should be greater than 0, got -1``."""
-    line = format_validation_error(err)
-    head, _, rest = line.partition(": ")
-    m = _QUALIFIED.match(rest)
-    if m and m.group(1).split(".")[0] in RunConfig.model_fields:
-        line = rest  # ModelConfig already named its field (model.window: ...)
-    elif m and head in RunConfig.model_fields:
-        line = f"{head}.{rest}"  # a section's cross-field check: "train: warmup_steps: ..."
-    first = err.errors()[0]
-    if "input" in first and first["type"] not in ("extra_forbidden", "literal_error", "value_error") \
-            and ", got " not in line and not isinstance(first["input"], dict):
-        line += f", got {first['input']!r}"
-    return line
-
-
 def parse_run_config(data: dict[str, Any]) -> RunConfig:
     """Validate a nested mapping; a bad field raises one ConfigError line naming it."""
     if not isinstance(data, dict):
@@ -174,7 +186,7 @@ def parse_run_config(data: dict[str, Any]) -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_error_line(err)) from None
+        raise ConfigError(format_validation_error(err)) from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 ::
 
     RUN/config.yaml        the resolved run config
-    RUN/meta.json          run id, tags (kind, window, git commit, dataset fingerprint), MLflow run id if any
+    RUN/meta.json          run id (content hash), tags, training starts, MLflow run id if any
     RUN/metrics.jsonl      one line per logged step: {"step": 10, "time": 1.7e9, "train/loss": 4.2, ...}
     RUN/results.json       the final evaluation
     RUN/status.json        RUNNING / FINISHED / FAILED / KILLED, with the error line and the last step
@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -68,14 +67,32 @@ class RunDir:
         return ray[-1] if ray else None
 
     # ----- writing ---------------------------------------------------------------------------------
-    def create(self, cfg: RunConfig, tags: dict[str, str]) -> None:
-        """Write config and meta (keeping the run id of an existing folder, so a resume is the same run)."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        dump_run_config(cfg, self.config_path)
-        meta = self.meta() if (self.path / "meta.json").is_file() else {"run_id": uuid.uuid4().hex}
+    def create(self, cfg: RunConfig, tags: dict[str, str], run_id: str) -> None:
+        """Write config and meta; an existing folder of the same run keeps its history (a resume)."""
+        if self.path.exists() and not self.path.is_dir():
+            raise DataError(f"{self.path}: run folder path is a file; choose another folder")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            dump_run_config(cfg, self.config_path)
+        except OSError as err:
+            raise DataError(f"{self.path}: cannot write the run folder ({err.strerror or err})") from None
+        meta = self.meta()
+        meta.update(run_id=run_id)
         meta.setdefault("created", time.time())
         meta["tags"] = {**meta.get("tags", {}), **tags}
         self.write_meta(meta)
+
+    def record_start(self) -> int:
+        """Count a training session starting in this folder (a resume counts too); return the count."""
+        meta = self.meta()
+        meta["starts"] = int(meta.get("starts", 0)) + 1
+        self.write_meta(meta)
+        return meta["starts"]
+
+    def finished(self, run_id: str) -> bool:
+        """Whether this folder holds run ``run_id``, FINISHED with its results written."""
+        return (self.meta().get("run_id") == run_id and self.status().get("status") == "FINISHED"
+                and self.results_path.is_file())
 
     def write_meta(self, meta: dict[str, Any]) -> None:
         _write_json(self.path / "meta.json", meta)

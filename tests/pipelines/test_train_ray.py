@@ -14,11 +14,11 @@ from pipelines.import_run import import_run
 from pipelines.tracking import SERVER_FILE, tracking_uri
 from pipelines.train import fit
 from rattention import metrics as M
-from rattention.errors import TrainingError
+from rattention.errors import ConfigError, TrainingError
 from rattention.evaluate import load_model
 from rattention.run_config import dump_run_config
 from rattention.rundir import RunDir
-from rattention.train import run_local
+from rattention import lifecycle
 from tests.conftest import interrupt_when_training, tiny_run_config
 
 
@@ -101,7 +101,7 @@ def test_nan_loss_fails_the_run(train_dataset: Path, mlflow_server: str, ray_loc
 
 def test_import_run_reproduces_run_folder(train_dataset: Path, mlflow_server: str, tmp_path: Path) -> None:
     cfg = _cfg(train_dataset, mlflow_server, "train.steps=6", "eval.tasks=[]")
-    run_local(cfg, tmp_path / "run", progress=False)
+    lifecycle.run(cfg, tmp_path / "run", progress=False)
     run_id = import_run(tmp_path / "run", mlflow_server, "test-import")
     c = MlflowClient(mlflow_server)
     run = c.get_run(run_id)
@@ -117,8 +117,14 @@ def test_import_run_reproduces_run_folder(train_dataset: Path, mlflow_server: st
 
 
 def test_tracking_uri_resolution(mlflow_server: str, tmp_path: Path, monkeypatch) -> None:
-    with tracking_uri("http://example.invalid:1", tmp_path) as uri:
-        assert uri == "http://example.invalid:1"  # the config wins
+    with tracking_uri(mlflow_server, tmp_path / "unused") as uri:
+        assert uri == mlflow_server  # the config wins
+    with pytest.raises(ConfigError, match=r"^tracking.uri: no MLflow server answers at http://127.0.0.1:9"), \
+            tracking_uri("http://127.0.0.1:9", tmp_path):
+        pass  # a dead server is refused before any compute
+    with pytest.raises(ConfigError, match=r"^tracking.uri: 'not a uri' is not a tracking URI"), \
+            tracking_uri("not a uri", tmp_path):
+        pass
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     with tracking_uri(None, tmp_path / "unused") as uri:
         assert uri == mlflow_server
@@ -131,14 +137,14 @@ def test_tracking_uri_resolution(mlflow_server: str, tmp_path: Path, monkeypatch
 
 def test_ctrl_c_marks_the_mlflow_run_killed(train_dataset: Path, mlflow_server: str, ray_local,
                                             tmp_path: Path) -> None:
-    """``python -m pipelines.train`` on the running Ray, interrupted mid-training like a Ctrl-C."""
+    """``python -m rattention train`` on the running Ray, interrupted mid-training like a Ctrl-C."""
     import ray
 
     cfg = _cfg(train_dataset, mlflow_server, "train.steps=100000", "eval.enabled=false")
     dump_run_config(cfg, tmp_path / "config.yaml")
     run = tmp_path / "run"
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    rc, err = interrupt_when_training(["-m", "pipelines.train", str(tmp_path / "config.yaml"), "--run-dir",
+    rc, err = interrupt_when_training(["-m", "rattention", "train", str(tmp_path / "config.yaml"), "--run-dir",
                                        str(run)], run, after_step=3, env=env)
     assert rc == 130 and "interrupted: run marked KILLED" in err, err[err.find("SIGINT"):][:3000]
     _, mlrun = _run(mlflow_server, run)

@@ -21,7 +21,7 @@ from rattention.evaluate import (
     task_accuracy,
 )
 from rattention.model import LM
-from rattention.train import run_local
+from rattention import lifecycle
 from tests.conftest import tiny_run_config
 
 V = 16
@@ -103,7 +103,7 @@ def test_efficiency_uses_the_real_cache_accounting(train_dataset: Path) -> None:
 
 def test_eval_of_a_trained_run_folder(train_dataset: Path, tmp_path: Path) -> None:
     cfg = tiny_run_config(train_dataset, "train.steps=8", "eval.enabled=false")
-    run_local(cfg, tmp_path / "run", progress=False)
+    lifecycle.run(cfg, tmp_path / "run", progress=False)
     got_cfg, results, state = evaluate_path(tmp_path / "run", ["eval.tasks=[mqar,niah]"])
     assert state["step"] == 8 and got_cfg.model.window == 8
     for key in (M.VAL_LOSS, M.val_loss_bucket(0, 8), M.val_loss_bucket(8, 16), M.val_loss_bucket(16, None),

@@ -16,7 +16,9 @@ from rattention.model import LM
 from rattention.optim import WarmupCosine, build_optimizer
 from rattention.run_config import TrainConfig, dump_run_config, load_run_config
 from rattention.rundir import RunDir
-from rattention.train import Faults, LaggedReadings, run_local
+from rattention.faults import Faults
+from rattention import lifecycle
+from rattention.logger import LaggedReadings
 from tests.conftest import interrupt_when_training, tiny_run_config
 
 CONFIGS = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))
@@ -76,7 +78,7 @@ def test_warmup_then_cosine() -> None:
 
 def test_local_run_trains_and_writes_run_folder(train_dataset: Path, tmp_path: Path) -> None:
     cfg = tiny_run_config(train_dataset, "train.steps=40")
-    results = run_local(cfg, tmp_path / "run", progress=False)
+    results = lifecycle.run(cfg, tmp_path / "run", progress=False)
     rd = RunDir(tmp_path / "run")
     rows = rd.metrics()
     losses = [r[M.TRAIN_LOSS] for r in rows if M.TRAIN_LOSS in r]
@@ -101,10 +103,10 @@ def test_local_run_trains_and_writes_run_folder(train_dataset: Path, tmp_path: P
 
 def test_resume_continues_the_same_curve(train_dataset: Path, tmp_path: Path) -> None:
     cfg = tiny_run_config(train_dataset, "train.steps=12", "train.checkpoint_every=4", "eval.enabled=false")
-    run_local(cfg, tmp_path / "straight", progress=False)
-    run_local(cfg, tmp_path / "resumed", stop_after=6, progress=False)
+    lifecycle.run(cfg, tmp_path / "straight", progress=False)
+    lifecycle.run(cfg, tmp_path / "resumed", stop_after=6, progress=False)
     assert RunDir(tmp_path / "resumed").status()["status"] == "RUNNING"  # preempted, resumable
-    run_local(cfg, tmp_path / "resumed", progress=False)  # picks up its checkpoint at step 6
+    lifecycle.run(cfg, tmp_path / "resumed", progress=False)  # picks up its checkpoint at step 6
     straight = {r["step"]: r for r in RunDir(tmp_path / "straight").metrics()}
     resumed = {r["step"]: r for r in RunDir(tmp_path / "resumed").metrics()}
     assert max(resumed) == 12 and RunDir(tmp_path / "resumed").status()["status"] == "FINISHED"
@@ -121,7 +123,7 @@ def test_resume_continues_the_same_curve(train_dataset: Path, tmp_path: Path) ->
 def test_nan_loss_stops_with_named_step(train_dataset: Path, tmp_path: Path) -> None:
     cfg = tiny_run_config(train_dataset, "train.steps=10")
     with pytest.raises(TrainingError, match=r"^step 3: loss is nan"):
-        run_local(cfg, tmp_path / "run", faults=Faults(nan_at_step=3), progress=False)
+        lifecycle.run(cfg, tmp_path / "run", faults=Faults(nan_at_step=3), progress=False)
     status = RunDir(tmp_path / "run").status()
     assert status["status"] == "FAILED" and status["error"].startswith("step 3: loss is nan")
 
@@ -129,7 +131,7 @@ def test_nan_loss_stops_with_named_step(train_dataset: Path, tmp_path: Path) -> 
 def test_vocab_smaller_than_dataset_is_a_config_error(train_dataset: Path, tmp_path: Path) -> None:
     cfg = tiny_run_config(train_dataset, "model.vocab_size=16")
     with pytest.raises(ConfigError, match=r"^model.vocab_size: must be >= the dataset's vocab size \(64\)"):
-        run_local(cfg, tmp_path / "run", progress=False)
+        lifecycle.run(cfg, tmp_path / "run", progress=False)
 
 
 def test_lagged_readings_keep_the_newest_queued() -> None:
@@ -156,8 +158,8 @@ def test_ctrl_c_marks_the_run_killed(train_dataset: Path, tmp_path: Path) -> Non
     cfg = tiny_run_config(train_dataset, "train.steps=100000", "train.checkpoint_every=8", "eval.enabled=false")
     dump_run_config(cfg, tmp_path / "config.yaml")
     run = tmp_path / "run"
-    rc, err = interrupt_when_training(["-m", "rattention.train", str(tmp_path / "config.yaml"), "--run-dir",
-                                       str(run)], run, after_step=9)
+    rc, err = interrupt_when_training(["-m", "rattention", "train", str(tmp_path / "config.yaml"), "--no-ray",
+                                       "--run-dir", str(run)], run, after_step=9)
     assert rc == 130 and err.strip().splitlines()[-1].startswith("interrupted: run marked KILLED"), err
     status = RunDir(run).status()
     assert status["status"] == "KILLED" and status["step"] >= 9, status

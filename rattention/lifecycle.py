@@ -1,0 +1,271 @@
+"""One run's lifecycle, the same for a local process, torchrun ranks, Ray Train workers and sweep trials.
+
+::
+
+    open      the run's identity: a hash of its resolved config, its dataset's fingerprint and the
+              code; its folder (found again when the same run is submitted twice); its tracker run
+    execute   train, then evaluate: in this process (``InProcess``) or on workers (a ``Backend``,
+              e.g. Ray Train in ``pipelines.train``), through ``train_and_evaluate``
+    close     results logged, the status set: FINISHED, FAILED or KILLED
+
+A finished run submitted again returns its results without training. An interrupted one resumes
+from its last checkpoint, and the tracker run its dead process left RUNNING is marked KILLED. The
+tracker (MLflow, in ``pipelines.tracking``) is injected, so this module needs neither Ray nor MLflow.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from rattention import metrics as M
+from rattention.checkpoint import Checkpointer, LocalCheckpointer
+from rattention.data import dataset_fingerprint
+from rattention.errors import ConfigError
+from rattention.faults import Faults
+from rattention.logger import Sink
+from rattention.run_config import RunConfig, parse_run_config
+from rattention.rundir import RunDir
+from rattention.runtime import barrier, broadcast, init_distributed, pick_device, rank_world, say
+
+_ROOT = Path(__file__).resolve().parent.parent
+CODE_PACKAGES = ("kernels", "rattention")  # the code that decides what a run computes
+
+# Fields that do not change what a run computes: where it is kept, tracked, scheduled and logged.
+_NOT_IDENTITY = {
+    "data": ("path",),  # the dataset's fingerprint stands for it
+    "train": ("out_dir", "run_name", "log_every", "checkpoint_every", "keep_checkpoints"),
+    "tracking": ("uri", "experiment", "server_dir", "system_metrics"),
+    "ray": ("address", "max_failures", "local_mode", "cpus_per_worker"),
+}
+
+
+# ----- identity ---------------------------------------------------------------------------------------
+
+@functools.cache
+def code_version() -> str:
+    """A hash of the model and kernel sources (not of docs, tests or orchestration code)."""
+    h = hashlib.sha256()
+    for pkg in CODE_PACKAGES:
+        for f in sorted((_ROOT / pkg).rglob("*.py")):
+            h.update(str(f.relative_to(_ROOT)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def identity_config(cfg: RunConfig) -> dict[str, Any]:
+    """The part of the config that decides the run's result."""
+    d = cfg.to_dict()
+    for section, names in _NOT_IDENTITY.items():
+        for name in names:
+            d[section].pop(name, None)
+    return d
+
+
+def run_identity(cfg: RunConfig, dataset: str, code: str | None = None) -> str:
+    """The run's id: a hash of what it computes. The same config, data and code give the same id."""
+    blob = json.dumps({"config": identity_config(cfg), "dataset": dataset, "code": code or code_version()},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_name(cfg: RunConfig, run_id: str) -> str:
+    """``train.run_name``, else ``<kind>[-w<window>]-s<seed>-<id[:8]>``."""
+    if cfg.train.run_name:
+        return cfg.train.run_name
+    window = "" if cfg.model.kind == "full" else f"-w{cfg.model.window}"
+    return f"{cfg.model.kind}{window}-s{cfg.train.seed}-{run_id[:8]}"
+
+
+def run_tags(cfg: RunConfig, dataset: str) -> dict[str, str]:
+    """Tags every run carries: local kind, window, git commit, dataset fingerprint, code version."""
+    from rattention.provenance import git_commit
+
+    return {M.TAG_KIND: cfg.model.kind, M.TAG_WINDOW: str(cfg.model.window), M.TAG_GIT_COMMIT: git_commit(),
+            M.TAG_DATASET: dataset, M.TAG_CODE: code_version()}
+
+
+# ----- the parts that vary ------------------------------------------------------------------------------
+
+class Tracker(Protocol):
+    """Where a run is tracked besides its folder (MLflow, ``pipelines.tracking.MlflowTracker``).
+
+    It travels to workers, so it holds only what pickles (a URI, an experiment name).
+    """
+
+    uri: str
+
+    def start(self, name: str, tags: dict[str, str], params: dict[str, Any]) -> str: ...
+
+    def sink(self, run: str) -> Sink: ...
+
+    def log_results(self, run: str, step: int, results: dict[str, Any]) -> None: ...
+
+    def log_files(self, run: str, paths: list[Path]) -> None: ...
+
+    def end(self, run: str, status: str) -> None: ...
+
+    def close_stale(self, run: str) -> None: ...
+
+
+@dataclass
+class RunHandle:
+    """What the training side needs of an opened run; plain data, so it crosses to Ray workers."""
+
+    config: dict[str, Any]
+    run_dir: str
+    run_id: str
+    tracker: Tracker | None = None
+    tracker_run: str | None = None
+    faults: dict[str, Any] = field(default_factory=dict)
+    stop_after: int | None = None
+    progress: bool = True
+
+
+class Backend(Protocol):
+    """Runs ``train_and_evaluate`` somewhere and hands back (results, stopped_early)."""
+
+    def prepare(self, cfg: RunConfig) -> None: ...
+
+    def execute(self, handle: RunHandle) -> tuple[dict[str, Any], bool]: ...
+
+
+class InProcess:
+    """Train in this process: alone, or as one rank of a torchrun group."""
+
+    def prepare(self, cfg: RunConfig) -> None:
+        init_distributed(pick_device(cfg.train.device))
+
+    def execute(self, handle: RunHandle) -> tuple[dict[str, Any], bool]:
+        return train_and_evaluate(handle)
+
+
+# ----- the lifecycle ------------------------------------------------------------------------------------
+
+def train_and_evaluate(handle: RunHandle, checkpointer: Checkpointer | None = None) -> tuple[dict[str, Any], bool]:
+    """The body of a run, on every rank: train, then rank 0 evaluates, writes and logs the results.
+
+    Returns (results, stopped_early); results are rank 0's (other ranks return the training figures).
+    """
+    from rattention.evaluate import evaluate
+    from rattention.train import train
+
+    cfg = parse_run_config(handle.config)
+    rd = RunDir(handle.run_dir)
+    rank, _ = rank_world()
+    sinks: list[Sink] = []
+    if rank == 0:
+        rd.record_start()
+        sinks = [rd.log_metrics]
+        if handle.tracker is not None and handle.tracker_run:
+            sinks.append(handle.tracker.sink(handle.tracker_run))
+    ckpt = checkpointer or LocalCheckpointer(rd.checkpoints, keep=cfg.train.keep_checkpoints)
+    model, result = train(cfg, ckpt, sinks=sinks, stop_after=handle.stop_after, faults=Faults(**handle.faults),
+                          progress=handle.progress)
+    results: dict[str, Any] = {"step": result.step, "tokens": result.tokens, M.TRAIN_THROUGHPUT: result.tokens_per_s}
+    if rank == 0 and not result.stopped_early:
+        if cfg.eval.enabled:
+            if handle.progress:
+                say(f"evaluating at step {result.step}")
+            results.update(evaluate(model, cfg, train_tokens_per_s=result.tokens_per_s,
+                                    train_peak_memory=result.peak_memory_bytes))
+        rd.write_results(results)
+        if handle.tracker is not None and handle.tracker_run:
+            handle.tracker.log_results(handle.tracker_run, result.step, results)
+    return results, result.stopped_early
+
+
+@dataclass
+class Opened:
+    handle: RunHandle
+    finished: bool
+    results: dict[str, Any]
+
+
+def open_run(cfg: RunConfig, run_dir: str | Path | None, tracker: Tracker | None,
+             tags: dict[str, str] | None = None) -> Opened:
+    """Identity, folder, tracker run (rank 0). A finished run comes back with its results."""
+    dataset = dataset_fingerprint(cfg.data.path)  # a missing dataset stops here, before any compute
+    run_id = run_identity(cfg, dataset)
+    rd = RunDir(Path(run_dir) if run_dir is not None else Path(cfg.train.out_dir) / run_name(cfg, run_id))
+    handle = RunHandle(config=cfg.to_dict(), run_dir=str(rd.path), run_id=run_id, tracker=tracker)
+    if rd.exists():
+        held = rd.meta().get("run_id")
+        if held and held != run_id:
+            raise ConfigError(f"{rd.path}: holds another run (id {held}; this config, data and code give "
+                              f"{run_id}); choose another run folder or train.run_name")
+        if rd.finished(run_id):
+            return Opened(handle, True, rd.results())
+        stale = rd.meta().get("mlflow_run_id")
+        if tracker is not None and stale and rd.meta().get("tracking_uri") == tracker.uri:
+            tracker.close_stale(stale)  # the process that owned it died, or was interrupted
+    all_tags = {**run_tags(cfg, dataset), M.TAG_RUN_ID: run_id, M.TAG_RUN_DIR: str(rd.path.resolve()),
+                **(tags or {})}
+    rd.create(cfg, all_tags, run_id)
+    if tracker is not None:
+        handle.tracker_run = tracker.start(rd.path.name, all_tags, cfg.flat())
+        rd.update_meta(mlflow_run_id=handle.tracker_run, tracking_uri=tracker.uri)
+        tracker.log_files(handle.tracker_run, [rd.config_path])
+    rd.set_status("RUNNING")
+    return Opened(handle, False, {})
+
+
+def close_run(handle: RunHandle, status: str, error: str | None = None, step: int | None = None) -> None:
+    """Set the folder's status and end the tracker run (a preempted run stays RUNNING in its folder)."""
+    rd = RunDir(handle.run_dir)
+    rd.set_status(status, step=step, error=error)
+    if handle.tracker is not None and handle.tracker_run:
+        handle.tracker.log_files(handle.tracker_run, [rd.metrics_path, rd.results_path])
+        handle.tracker.end(handle.tracker_run, status if status != "RUNNING" else "KILLED")
+
+
+def run(cfg: RunConfig, run_dir: str | Path | None = None, tracker: Tracker | None = None,
+        backend: Backend | None = None, tags: dict[str, str] | None = None, faults: Faults | None = None,
+        stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Open, execute and close one run; return its results (those recorded, when it had finished).
+
+    Raises what stopped it (TrainingError for a NaN loss, KeyboardInterrupt for Ctrl-C) after the
+    status is set. Under torchrun every rank calls this; rank 0 alone writes and tracks.
+    """
+    backend = backend or InProcess()
+    backend.prepare(cfg)  # e.g. join the Ray cluster: a dead address fails before anything is created
+    rank, _ = rank_world()
+    opened = open_run(cfg, run_dir, tracker, tags) if rank == 0 else None
+    opened = broadcast(opened)
+    assert isinstance(opened, Opened)
+    handle = opened.handle
+    if opened.finished:
+        if progress and rank == 0:
+            say(f"run {Path(handle.run_dir).name}: finished before (id {handle.run_id}); its results, no training")
+        return opened.results
+    if progress and rank == 0:
+        where = f", tracked as {handle.tracker_run} at {tracker.uri}" if tracker is not None else ""
+        say(f"run {Path(handle.run_dir).name}: folder {handle.run_dir}{where}")
+    barrier()
+    handle.faults = (faults or Faults()).to_dict()
+    handle.stop_after, handle.progress = stop_after, progress
+    status, error, step = "FAILED", None, None
+    try:
+        results, stopped = backend.execute(handle)
+        step = int(results["step"]) if "step" in results else None
+        status = "RUNNING" if stopped else "FINISHED"
+        return results
+    except KeyboardInterrupt:
+        status, error = "KILLED", "interrupted"
+        raise
+    except Exception as err:
+        error = first_line(err)
+        raise
+    finally:
+        if rank == 0:
+            close_run(handle, status, error, step)
+
+
+def first_line(err: BaseException) -> str:
+    """The line that names an error; Ray wraps a worker's exception, whose last line names the original."""
+    lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
+    return (lines[-1] if len(lines) > 1 and "Traceback" in str(err) else lines[0] if lines
+            else type(err).__name__)[:500]

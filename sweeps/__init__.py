@@ -1,0 +1,1 @@
+"""sweeps: the window search and Pareto sweeps over local-global attention models."""
