@@ -10,7 +10,7 @@ from rattention.errors import ConfigError
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False,
-             **kwargs: Any) -> dict[str, float]:
+             log_to_driver: bool = True, **kwargs: Any) -> dict[str, float]:
     """Connect to Ray once and return the cluster's resources.
 
     ``address`` (or ``RAY_ADDRESS``) joins an existing cluster; without either, a local Ray starts
@@ -25,7 +25,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
         if address:
             check_reachable(address)
             try:
-                ray.init(address=address, log_to_driver=True, **kwargs)
+                ray.init(address=address, log_to_driver=log_to_driver, **kwargs)
             except ConnectionError as err:  # Ray's own message is a long traceback
                 raise ConfigError(f"address: cannot join the Ray cluster at {address!r} ({err})") from None
         else:
@@ -36,7 +36,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, dashboard:
             # The dashboard (on 127.0.0.1) serves Ray's state API, which Ray Train's placement-group
             # cleaner polls; without it the cleaner warns every few seconds and never exits.
             ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                     log_to_driver=True, **kwargs)
+                     log_to_driver=log_to_driver, **kwargs)
     return ray.cluster_resources()
 
 

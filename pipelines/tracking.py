@@ -22,6 +22,9 @@ from typing import Any
 
 from rattention.errors import ConfigError, RattentionError
 
+# The platform prints its own links; MLflow would add two emoji lines per ended run.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
 SERVER_FILE = "server.json"
 STARTUP_TIMEOUT_S = 120.0
 

@@ -212,6 +212,29 @@ def import_run_cmd(
     print(f"MLflow run {import_run(run_dir, uri, experiment)}")
 
 
+@app.command()
+def sweep(
+    spec: Path = typer.Argument(..., help="Sweep spec YAML (see sweeps/)."),
+    overrides: list[str] = typer.Argument(None, help="Dotted key=value overrides of the spec, e.g. parallel=2"),
+    address: str = typer.Option(None, "--address", help="Ray cluster (else RAY_ADDRESS, else a local Ray)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the sweep's study: finished trials are "
+                                "not re-run, interrupted ones resume from their checkpoints."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (trials, resources, cost); run nothing."),
+) -> None:
+    """Search for the minimal window per local kind against full attention (or a Pareto study): trials
+    in parallel on Ray, every point an Optuna trial, everything in MLflow."""
+    from sweeps.driver import sweep as run_sweep
+    from sweeps.spec import load_spec
+
+    loaded = load_spec(spec, overrides or [])
+    try:
+        run_sweep(loaded, address=address, resume=resume, dry_run=dry_run)
+    except KeyboardInterrupt:
+        print(f"interrupted: sweep stopped, its parent run marked KILLED; `rattention sweep {spec} --resume` "
+              "continues it", file=sys.stderr)
+        raise typer.Exit(130) from None
+
+
 def _print_results(results: dict) -> None:
     for k, v in results.items():
         print(f"{k:<36} {v:.6g}" if isinstance(v, float) else f"{k:<36} {v}")
@@ -235,7 +258,8 @@ def demo(
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point (also ``python -m rattention``). Every failure ends in one line on stderr:
-    usage and config errors exit 2, Ctrl-C exits 130; ``--help`` exits 0.
+    usage and config errors exit 2, Ctrl-C exits 130 (``interrupted``; a command that can say what it
+    left behind prints that line instead and raises ``typer.Exit(130)``); ``--help`` exits 0.
 
     It parses and invokes the app itself instead of calling ``app()``, whose main turns a Ctrl-C into a
     bare exit code (130 returned, nothing printed; with ``standalone_mode=False`` the caller exited 0)
@@ -259,10 +283,9 @@ def main(argv: list[str] | None = None) -> None:
         _fail(err.format_message(), err.exit_code)
     except RattentionError as err:
         _fail(str(err))
-    except (KeyboardInterrupt, typer.Abort) as err:
-        # A command may re-raise rattention.errors.Interrupted("run marked KILLED ...") to say what it left.
-        _fail(f"interrupted: {err}" if str(err) else "interrupted", 130)
-    except typer.Exit as err:  # --help, or a command's own typer.Exit(code)
+    except (KeyboardInterrupt, typer.Abort):  # Ctrl-C (Abort: at a prompt)
+        _fail("interrupted", 130)
+    except typer.Exit as err:  # --help; or a command that printed its own line, e.g. Ctrl-C's typer.Exit(130)
         sys.exit(err.exit_code)
 
 

@@ -26,13 +26,6 @@ class TrainingError(RattentionError):
     """Training cannot go on (NaN/inf loss, no checkpoint to resume): the message names the step."""
 
 
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C, re-raised by a command that says what it left behind (``run marked KILLED``).
-
-    The command line prints ``interrupted: <message>`` as its one line and exits 130; a plain
-    KeyboardInterrupt prints ``interrupted``."""
-
-
 # A validator's message that names its field first: "warmup_steps: must be <= ...", "model.window: ...".
 _NAMED = re.compile(r"^([A-Za-z_][\w.]*): (.*)$", re.S)
 

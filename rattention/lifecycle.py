@@ -80,6 +80,11 @@ def run_name(cfg: RunConfig, run_id: str) -> str:
     return f"{cfg.model.kind}{window}-s{cfg.train.seed}-{run_id[:8]}"
 
 
+def locate(cfg: RunConfig) -> RunDir:
+    """The folder the run of ``cfg`` has (or will have) under ``train.out_dir``."""
+    return RunDir(Path(cfg.train.out_dir) / run_name(cfg, run_identity(cfg, dataset_fingerprint(cfg.data.path))))
+
+
 def run_tags(cfg: RunConfig, dataset: str) -> dict[str, str]:
     """Tags every run carries: local kind, window, git commit, dataset fingerprint, code version."""
     from rattention.provenance import git_commit

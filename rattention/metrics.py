@@ -227,3 +227,16 @@ def produced_by(name: str, eval_cfg: Any, seq_len: int) -> tuple[bool, str]:
     if name == DECODE_THROUGHPUT:
         return False, "decoding is not timed; set eval.decode_tokens > 0"
     return False, f"{name} is not reported by evaluation"
+
+
+# ----- sweeps (logged on a sweep's parent run) -----------------------------------------------------
+SWEEP_TRIALS = "sweep/trials"  # trials evaluated (finished or failed)
+SWEEP_WALL_S = "sweep/wall_s"
+TAG_SWEEP_MODE = "rattention.sweep_mode"  # minimal-window or pareto
+TAG_SWEEP_ANSWER = "rattention.sweep_answer"  # the answer in one line, e.g. "swa: 64; rattention: 32"
+
+
+def sweep_minimal_window(kind: str) -> str:
+    """The minimal window a sweep found for a local kind (absent when none on the grid passed)."""
+    return f"sweep/minimal_window_{kind}"
+

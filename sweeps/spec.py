@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from rattention import metrics as M
 from rattention.config import KINDS, format_validation_error
@@ -151,16 +151,9 @@ class DataSource(_Spec):
             raise ConfigError(f"data.path: {self.path}: dataset folder not found "
                               f"(make one with rattention data prepare)")
         if self.prepare is not None:
-            from pipelines.tokenize import PrepareConfig, make_config
-
-            _check_kwargs("prepare", self.prepare, list(PrepareConfig.model_fields))
-            _call_builder("prepare", make_config, self.prepare)
+            _builder_config("prepare", self.prepare)
         if self.synth is not None:
-            from pipelines.synth import SynthConfig, make_config
-
-            _check_kwargs("synth", self.synth, list(SynthConfig.model_fields))
-            _check_task_params(self.synth)
-            _call_builder("synth", make_config, self.synth)
+            _builder_config("synth", self.synth)
         return self
 
     @property
@@ -250,6 +243,13 @@ class SweepSpec(_Spec):
             raise ConfigError(f"kinds: must be distinct, got {v}")
         return v
 
+    @field_validator("seeds", "budget", "parallel", mode="before")
+    @classmethod
+    def _no_bool(cls, v: Any, info: ValidationInfo) -> Any:
+        if isinstance(v, bool):
+            raise ConfigError(f"{info.field_name}: expected a number, got {v!r}")
+        return v
+
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, v: int | list[int]) -> int | list[int]:
@@ -283,8 +283,8 @@ class SweepSpec(_Spec):
             raise ConfigError(f"tolerance.kind: 'spread' needs >= 2 seeds to measure the baseline's spread, "
                               f"got seeds={self.seeds!r} (raise seeds or use absolute/relative)")
         if self.budget is not None and self.budget < len(self.seed_list()):
-            raise ConfigError(f"budget: {self.budget} trials cannot measure the baseline's {len(self.seed_list())} "
-                              f"seeds; allowed >= {len(self.seed_list())} or null")
+            raise ConfigError(f"budget: must be >= {len(self.seed_list())} (the baseline's seeds) or null, "
+                              f"got {self.budget}")
         if self.data is not None and any(o.partition("=")[0].strip() == "data.path" for o in self.overrides):
             raise ConfigError("overrides: data.path conflicts with the spec's data section; remove one")
         cfg = self.base_config()
@@ -304,18 +304,23 @@ class SweepSpec(_Spec):
             raise ConfigError("resources.gpus: the base config trains on cuda (train.device) but trials get no GPU; "
                               "set resources.gpus")
         if self.data is not None and self.data.builder is not None:
-            kw = getattr(self.data, self.data.builder)
-            vocab = kw.get("vocab_size", 8192 if self.data.builder == "prepare" else None)
-            if vocab is not None and vocab > cfg.model.vocab_size:
-                raise ConfigError(f"data.{self.data.builder}.vocab_size: {vocab} exceeds the base config's "
-                                  f"model.vocab_size={cfg.model.vocab_size}")
-            if self.data.builder == "synth" and kw.get("seq_len", 1024) != T:
-                raise ConfigError(f"data.synth.seq_len: must equal model.seq_len={T} (each sample fills one "
-                                  f"training context), got {kw.get('seq_len', 1024)}")
+            self._check_data(cfg)
         for kind in (BASELINE, *self.kinds):
             for w in [None] if kind == BASELINE else self.windows():
                 self.trial_config(kind, w, self.seed_list()[0])
         return self
+
+    def _check_data(self, cfg: RunConfig) -> None:
+        """A dataset the driver builds must fit the model: its vocab, and a synthetic sample per context."""
+        assert self.data is not None and self.data.builder is not None
+        section = self.data.builder
+        built = _builder_config(section, getattr(self.data, section))
+        if built.vocab_size is not None and built.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"data.{section}.vocab_size: {built.vocab_size} exceeds the base config's "
+                              f"model.vocab_size={cfg.model.vocab_size}")
+        if section == "synth" and built.seq_len != cfg.seq_len:
+            raise ConfigError(f"data.synth.seq_len: must equal model.seq_len={cfg.seq_len} (each sample fills one "
+                              f"training context), got {built.seq_len}")
 
     # ----- derived ---------------------------------------------------------------------------------
 
@@ -414,6 +419,9 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> SweepSpec
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}:" if mark is not None else ""
         problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        tag = re.search(r"tag '([^']+)'", problem)
+        if isinstance(err, yaml.constructor.ConstructorError) and tag:
+            raise ConfigError(f"{p}:{where} tag {tag.group(1)!r} is not allowed (plain YAML only)") from None
         raise ConfigError(f"{p}:{where} not valid YAML ({problem})") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{p}: not a text file") from None
@@ -444,8 +452,9 @@ def check_cluster(spec: SweepSpec, resources: Mapping[str, float]) -> None:
 # ----- helpers -----------------------------------------------------------------------------------------
 
 def _point_bound(n: int) -> int:
-    """Most grid points a noise-aware bisection evaluates on an n-point grid (never more than n)."""
-    return min(n, math.ceil(math.log2(n)) + 2) if n > 1 else n
+    """Most grid points the window search evaluates on an n-point grid: ceil(log2 n) + 2 (a private copy of
+    ``sweeps.search.point_bound``, so that a spec loads without the search module)."""
+    return math.ceil(math.log2(n)) + 2
 
 
 def _num(x: float) -> str:
@@ -517,7 +526,8 @@ def _check_kwargs(section: str, kwargs: dict[str, Any], allowed: list[str]) -> N
             raise ConfigError(f"data.{section}.out: set by the sweep (<sweep folder>/data); remove it")
         if key not in allowed:
             close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f"; allowed: {', '.join(a for a in allowed if a != 'out')}"
+            names = ", ".join(a for a in allowed if a != "out")
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; allowed: {names}"
             raise ConfigError(f"data.{section}.{key}: unknown field{hint}")
 
 
@@ -538,9 +548,19 @@ def _check_task_params(synth: dict[str, Any]) -> None:
             raise ConfigError(f"data.synth.params.{name}: not a parameter of {kind}; allowed: {', '.join(allowed)}")
 
 
-def _call_builder(section: str, make_config: Any, kwargs: dict[str, Any]) -> None:
-    """Validate a builder's values with its own ``make_config`` (pydantic only; nothing runs)."""
+def _builder_config(section: str, kwargs: dict[str, Any]) -> Any:
+    """The dataset builder's config (``PrepareConfig`` or ``SynthConfig``), validated by the pipeline's own
+    ``make_config`` after a check of the names; nothing runs and Ray is not imported."""
+    if section == "prepare":
+        from pipelines.tokenize import PrepareConfig as Config
+        from pipelines.tokenize import make_config
+    else:
+        from pipelines.synth import SynthConfig as Config
+        from pipelines.synth import make_config
+    _check_kwargs(section, kwargs, list(Config.model_fields))
+    if section == "synth":
+        _check_task_params(kwargs)
     try:
-        make_config(out=Path("<sweep folder>/data"), **kwargs)
+        return make_config(out=Path("<sweep folder>/data"), **kwargs)
     except ConfigError as err:
         raise ConfigError(f"data.{section}.{err}") from None

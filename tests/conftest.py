@@ -107,7 +107,10 @@ def interrupt_when_training(cmd: list[str], run_dir: Path, after_step: int, env:
 
     root = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, *cmd], cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        # SIGINT back to its default in the child: a shell's background job (and so a pytest started from
+        # one) has SIGINT ignored, the child would inherit that, and Python would install no Ctrl-C handler.
+        proc = subprocess.Popen([sys.executable, *cmd], cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.monotonic() + timeout
             while not any(r["step"] >= after_step for r in RunDir(run_dir).metrics()):

@@ -43,6 +43,10 @@ def test_console_script_is_installed():
     (["train", str(TINY), "train.lr=-1"], "error: train.lr: Input should be greater than 0, got -1"),
     (["train", "nope.yaml"], "error: nope.yaml: config file not found"),
     (["train", str(TINY), "lr=3"], "error: override 'lr=3': expected section.field=value, e.g. train.lr=3e-4"),
+    (["data", "prepare", "--out", "ds", "--val-fraction", "1.5"],
+     "error: val_fraction: Input should be less than 1, got 1.5"),
+    (["data", "synth", "mqar", "--out", "ds", "--samples", "0"],
+     "error: samples: Input should be greater than 0, got 0"),
 ])
 def test_usage_and_config_errors_are_one_line_exit_2(tmp_path, args, line):
     r = rattention(*args, cwd=tmp_path)

@@ -1,0 +1,670 @@
+"""``rattention sweep SPEC.yaml``: the minimal-window search and the Pareto study.
+
+Every evaluated point is an Optuna trial in the study's storage (a journal file in the sweep folder,
+or an RDB), driven through ask/tell: the point is enqueued, asked, run, and told its value (or FAIL
+with the reason). Trials run as Ray tasks with the spec's resources, at most ``parallel`` at once, on
+the local Ray or a cluster. Each trial is one run of ``rattention.lifecycle``: its folder is named by
+the hash of its config, data and code, so a trial submitted again returns its finished results or
+resumes from its checkpoint. That is what makes ``--resume`` after a killed driver re-run nothing
+that finished. MLflow holds one experiment per study, a parent run per sweep and a child run per
+trial.
+
+``minimal-window``: the full baseline over the seeds sets the bar (``sweeps.search.Bar``); then, for
+each local kind side by side, a k-ary search on the grid (``sweeps.search.next_windows``) finds the
+smallest window whose mean objective over the seeds passes it.
+``pareto``: a multi-objective study (NSGA-II or TPE) over kind and window, against cache bytes or
+training tokens/s; its answer is ``study.best_trials``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import fcntl
+import io
+import json
+import math
+import os
+import statistics
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rattention import metrics as M
+from rattention.errors import ConfigError, RattentionError
+from rattention.run_config import flatten
+from sweeps.search import Bar, answer, next_windows, point_bound
+from sweeps.spec import SweepSpec
+
+BASELINE = "full"
+SWEEP_FILE = "sweep.json"  # the sweep folder's record: parent MLflow run, tracking URI, study
+LOCK_FILE = "driver.lock"
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+# ----- one trial: a Ray task that runs the lifecycle ------------------------------------------------------
+
+def run_trial(config: dict[str, Any], uri: str, experiment: str, tags: dict[str, str]) -> dict[str, Any]:
+    """One trial, where Ray placed it: the lifecycle with MLflow tracking. Its results come back
+    through Ray, with the run's id, folder and MLflow run."""
+    from pipelines.tracking import MlflowTracker
+    from rattention import lifecycle
+    from rattention.run_config import parse_run_config
+
+    cfg = parse_run_config(config)
+    rd = lifecycle.locate(cfg)
+    before = int(rd.meta().get("starts", 0)) if rd.exists() else 0
+    results, error = {}, None
+    try:
+        results = lifecycle.run(cfg, tracker=MlflowTracker(uri, experiment), tags=tags, progress=False)
+    except Exception as err:  # noqa: BLE001 - the trial FAILs with its reason; its run is marked FAILED
+        error = lifecycle.first_line(err) or type(err).__name__
+    meta = rd.meta() if rd.exists() else {}
+    return {"results": results, "error": error, "run_id": meta.get("run_id"), "run_dir": str(rd.path.resolve()),
+            "mlflow_run_id": meta.get("mlflow_run_id"), "trained": int(meta.get("starts", 0)) > before}
+
+
+@dataclass
+class Job:
+    """One point to evaluate: a (kind, window, seed) trial."""
+
+    kind: str
+    window: int | None
+    seed: int
+    number: int | None = None  # its Optuna trial number, once asked
+    value: float | None = None
+    error: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        w = "" if self.window is None else f" w={self.window}"
+        return f"{self.kind}{w} seed={self.seed}"
+
+
+# ----- the study ---------------------------------------------------------------------------------------
+
+class Study:
+    """The Optuna study behind a sweep: points enqueued, asked, told; finished ones found again."""
+
+    def __init__(self, spec: SweepSpec, resume: bool):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.spec = spec
+        self.storage = _storage(spec)
+        names = {s.study_name for s in optuna.get_all_study_summaries(self.storage)}
+        exists = spec.name in names
+        directions = [d for _, d in spec.objectives()]
+        if exists and not resume and optuna.load_study(study_name=spec.name, storage=self.storage).trials:
+            raise ConfigError(f"sweep {spec.name!r}: its study already has trials in {spec.storage_url()}; "
+                              "pass --resume to continue it, or give the spec another name")
+        sampler = self._sampler()
+        self.study = optuna.create_study(study_name=spec.name, storage=self.storage, directions=directions,
+                                         sampler=sampler, load_if_exists=True)
+        if [d.name.lower() for d in self.study.directions] != directions:
+            raise ConfigError(f"sweep {spec.name!r}: the stored study optimises "
+                              f"{[d.name.lower() for d in self.study.directions]}, the spec {directions}")
+        self.study.set_user_attr("mode", spec.mode)
+        self.study.set_user_attr("objective", spec.objective.metric)
+
+    def _sampler(self) -> Any:
+        import optuna
+
+        if self.spec.mode == "pareto":
+            if self.spec.pareto.sampler == "tpe":
+                return optuna.samplers.TPESampler(seed=0, multivariate=True)
+            return optuna.samplers.NSGAIISampler(seed=0, population_size=max(2, self.spec.parallel))
+        return optuna.samplers.RandomSampler(seed=0)  # every minimal-window point is enqueued: never sampled
+
+    def distributions(self) -> dict[str, Any]:
+        from optuna.distributions import CategoricalDistribution, IntDistribution
+
+        grid = self.spec.windows()
+        seeds = self.spec.seed_list()
+        if self.spec.mode == "pareto":
+            return {"kind": CategoricalDistribution(list(self.spec.kinds)), "window": CategoricalDistribution(grid)}
+        return {"kind": CategoricalDistribution([BASELINE, *self.spec.kinds]),
+                "window": IntDistribution(0, max(grid)),  # 0: the baseline, which has no window
+                "seed": IntDistribution(min(seeds), max(seeds))}
+
+    def trials(self) -> list[Any]:
+        return self.study.get_trials(deepcopy=False)
+
+    def count(self) -> int:
+        return len(self.trials())
+
+    def find(self, job: Job) -> Any | None:
+        """The newest trial of this point, or None."""
+        found = [t for t in self.trials() if t.user_attrs.get("kind") == job.kind
+                 and t.user_attrs.get("window") == job.window and t.user_attrs.get("seed") == job.seed]
+        return found[-1] if found else None
+
+    def ask(self, job: Job) -> int:
+        """Enqueue the point, ask for it, and label the trial with it; return the trial number."""
+        params = {"kind": job.kind, "window": job.window or 0, "seed": job.seed}
+        self.study.enqueue_trial(params, user_attrs={"kind": job.kind, "window": job.window, "seed": job.seed})
+        trial = self.study.ask(self.distributions())
+        return trial.number
+
+    def ask_sampled(self, seed: int) -> Job:
+        """Pareto mode: the sampler picks the kind and window."""
+        trial = self.study.ask(self.distributions())
+        job = Job(trial.params["kind"], int(trial.params["window"]), seed, number=trial.number)
+        for k, v in (("kind", job.kind), ("window", job.window), ("seed", seed)):
+            trial.set_user_attr(k, v)
+        return job
+
+    def _trial(self, number: int) -> Any:
+        import optuna
+
+        return optuna.trial.Trial(self.study, self.study._storage.get_trial_id_from_study_id_trial_number(
+            self.study._study_id, number))
+
+    def tell(self, job: Job, values: list[float] | None) -> None:
+        import optuna
+
+        assert job.number is not None
+        trial = self._trial(job.number)
+        for k in ("run_id", "mlflow_run_id", "run_dir"):
+            if job.info.get(k):
+                trial.set_user_attr(k, job.info[k])
+        if values is None:
+            trial.set_user_attr("fail_reason", job.error or "unknown")
+            self.study.tell(job.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        else:
+            self.study.tell(job.number, values, skip_if_finished=True)
+
+
+def _storage(spec: SweepSpec) -> Any:
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    url = spec.storage_url()
+    if "://" in url:
+        return optuna.storages.RDBStorage(url)
+    Path(url).parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(url))
+
+
+# ----- the sweep ---------------------------------------------------------------------------------------
+
+@dataclass
+class KindAnswer:
+    kind: str
+    minimal: int | None
+    note: str
+    points_used: int
+    grid_size: int
+    bound: int
+    settled: bool
+    non_monotone: list[tuple[int, int]]
+    mean: float | None = None
+    spread: float | None = None
+    cache_bytes: float | None = None
+    failures: list[str] = field(default_factory=list)
+
+
+class Sweep:
+    """One sweep: its study, its trials on Ray, its MLflow parent run and its answer."""
+
+    def __init__(self, spec: SweepSpec, uri: str, data_path: str | None, resume: bool, progress: bool = True):
+        self.spec, self.uri, self.data_path, self.progress = spec, uri, data_path, progress
+        self.folder = spec.folder()
+        self.study = Study(spec, resume)
+        self.metric = spec.objective.metric
+        self.t0 = time.perf_counter()
+        self.done = 0
+        self.trained = 0
+        self.jobs: list[Job] = []
+        self.parent = self._open_parent(resume)
+
+    # ----- tracking ------------------------------------------------------------------------------------
+    def _open_parent(self, resume: bool) -> str:
+        from pipelines import tracking
+
+        c = tracking.client(self.uri)
+        record = self.folder / SWEEP_FILE
+        if resume and record.is_file():
+            old = json.loads(record.read_text()).get("parent_run_id")
+            with contextlib.suppress(Exception):  # found only on the same store (a local server's port changes)
+                c.get_run(old)
+                c.update_run(old, status="RUNNING")
+                return old
+        tags = {M.TAG_STUDY: self.spec.name, M.TAG_SWEEP_MODE: self.spec.mode, M.TAG_SOURCE: "sweep"}
+        parent = tracking.start_run(c, self.spec.name, f"sweep-{self.spec.name}", tags,
+                                    flatten(self.spec.model_dump(mode="json")))
+        record.write_text(json.dumps({"parent_run_id": parent, "tracking_uri": self.uri, "study": self.spec.name,
+                                      "storage": self.spec.storage_url()}, indent=2) + "\n")
+        return parent
+
+    def trial_tags(self, job: Job) -> dict[str, str]:
+        return {M.TAG_PARENT: self.parent, M.TAG_STUDY: self.spec.name, M.TAG_TRIAL: str(job.number),
+                M.TAG_SOURCE: "sweep"}
+
+    # ----- running trials ------------------------------------------------------------------------------
+    def run_jobs(self, jobs: list[Job], remaining: Iterator[int] | None = None) -> None:
+        """Evaluate ``jobs`` on Ray, at most ``parallel`` at once; a point already told is not re-run."""
+        import ray
+
+        queue = deque()
+        for job in jobs:
+            old = self.study.find(job)
+            if old is not None and old.state.name in ("COMPLETE", "FAIL"):  # told before: its record stands
+                job.number = old.number
+                job.value = float(old.values[0]) if old.state.name == "COMPLETE" else None
+                job.error = None if job.value is not None else old.user_attrs.get("fail_reason", "failed")
+                job.info = {k: old.user_attrs.get(k) for k in ("run_id", "run_dir", "mlflow_run_id")}
+                self._report(job, "recorded before")
+                continue
+            if old is not None and old.state.name == "RUNNING":
+                job.number = old.number  # its driver died: run the same trial again (it resumes)
+            queue.append(job)
+        in_flight: dict[Any, Job] = {}
+        try:
+            while queue or in_flight:
+                while queue and len(in_flight) < self.spec.parallel:
+                    job = queue.popleft()
+                    if job.number is None:
+                        if self.over_budget():
+                            job.error = "not run: trial budget exhausted"
+                            self.jobs.append(job)
+                            continue
+                        job.number = self.study.ask(job)
+                    cfg = self.spec.trial_config(job.kind, job.window, job.seed, self.data_path,
+                                                 self.folder / "runs")
+                    in_flight[self.submit(job, cfg)] = job
+                ready, _ = ray.wait(list(in_flight), num_returns=1)
+                for ref in ready:
+                    self._finish(in_flight.pop(ref), ref)
+        except KeyboardInterrupt:
+            for ref in in_flight:
+                ray.cancel(ref)  # the trial's lifecycle sees KeyboardInterrupt and marks its run KILLED
+            with contextlib.suppress(Exception):
+                ray.wait(list(in_flight), num_returns=len(in_flight), timeout=20)
+            raise
+
+    def submit(self, job: Job, cfg: Any) -> Any:
+        """Start the trial as a Ray task with the spec's resources; a worker that dies is retried once."""
+        import ray
+
+        task = ray.remote(run_trial).options(
+            num_cpus=self.spec.resources.cpus, num_gpus=self.spec.resources.gpus, max_retries=1,
+            retry_exceptions=False, name=f"trial-{job.number}-{job.kind}-w{job.window}-s{job.seed}")
+        return task.remote(cfg.to_dict(), self.uri, self.spec.name, self.trial_tags(job))
+
+    def over_budget(self) -> bool:
+        return self.spec.budget is not None and self.study.count() >= self.spec.budget
+
+    def _finish(self, job: Job, ref: Any) -> None:
+        import ray
+
+        out: dict[str, Any] = {}
+        try:
+            out = ray.get(ref)
+        except ray.exceptions.RayTaskError as err:
+            cause = err.cause if isinstance(err.cause, BaseException) else err
+            job.error = _one_line(cause)
+        except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError,
+                ray.exceptions.TaskCancelledError, ray.exceptions.RayError) as err:
+            job.error = f"the trial's worker died ({type(err).__name__}: {_one_line(err)})"
+        else:
+            job.info = {k: out[k] for k in ("run_id", "run_dir", "mlflow_run_id")}
+            self.trained += int(out["trained"])
+            value = out["results"].get(self.metric)
+            if out["error"]:
+                job.error = out["error"]
+            elif value is None or not math.isfinite(float(value)):
+                job.error = f"{self.metric} is {value!r} in the trial's results"
+            else:
+                job.value = float(value)
+        values = None
+        if job.value is not None:
+            values = [job.value]
+            if self.spec.mode == "pareto":
+                second = out["results"].get(self.spec.pareto.metric())
+                if second is None or not math.isfinite(float(second)):
+                    job.value, job.error, values = None, f"{self.spec.pareto.metric()} missing from results", None
+                else:
+                    values.append(float(second))
+        self.study.tell(job, values)
+        self._report(job, "trained" if out.get("trained") else ("finished before" if out else None))
+
+    def _report(self, job: Job, how: str | None) -> None:
+        self.jobs.append(job)
+        self.done += 1
+        if not self.progress:
+            return
+        left = self.remaining_bound()
+        what = f"{self.metric} = {job.value:.4f}" if job.value is not None else f"FAILED: {job.error}"
+        extra = f" ({how})" if how in ("recorded before", "finished before") else ""
+        say(f"[{time.perf_counter() - self.t0:6.0f} s] trial {job.number} {job.label}: {what}{extra}; "
+            f"{self.done} done, at most {left} to go")
+
+    def remaining_bound(self) -> int:
+        spec = self.spec
+        if spec.mode == "pareto":
+            return max(0, spec.pareto.trials - self.done)
+        seeds = len(spec.seed_list())
+        bound = seeds + len(spec.kinds) * point_bound(len(spec.windows())) * seeds
+        if spec.budget is not None:
+            bound = min(bound, spec.budget)
+        return max(0, bound - self.done)
+
+    # ----- minimal-window ------------------------------------------------------------------------------
+    def baseline(self) -> Bar:
+        jobs = [Job(BASELINE, None, s) for s in self.spec.seed_list()]
+        self.run_jobs(jobs)
+        failed = [j for j in jobs if j.value is None]
+        if failed:
+            raise RattentionError(f"baseline: {failed[0].label} failed ({failed[0].error}); the bar cannot be set, "
+                                  "so no window is judged. Fix it and run again with --resume")
+        return Bar.from_baseline([j.value for j in jobs], self.spec.tolerance.value, self.spec.tolerance.kind,
+                                 self.spec.direction())
+
+    def minimal_window(self) -> tuple[Bar, list[KindAnswer]]:
+        bar = self.baseline()
+        if self.progress:
+            say(f"bar: {bar.rule(self.metric)}")
+        grid = self.spec.windows()
+        seeds = self.spec.seed_list()
+        slots = max(1, self.spec.parallel // (len(seeds) * len(self.spec.kinds)))
+        values: dict[str, dict[int, list[Job]]] = {k: {} for k in self.spec.kinds}
+        observed: dict[str, dict[int, bool]] = {k: {} for k in self.spec.kinds}
+        exhausted = False
+        while True:
+            rounds = {k: next_windows(grid, observed[k], slots) for k in self.spec.kinds}
+            jobs = [Job(k, w, s) for k, ws in rounds.items() for w in ws for s in seeds]
+            if not jobs or exhausted:
+                break
+            self.run_jobs(jobs)  # the kinds' rounds side by side
+            for job in jobs:
+                values[job.kind].setdefault(job.window, []).append(job)
+            for k, ws in rounds.items():
+                for w in ws:
+                    point = values[k][w]
+                    if any(j.error and j.error.startswith("not run") for j in point):
+                        exhausted = True
+                        continue
+                    ok = all(j.value is not None for j in point) and bar.passes([j.value for j in point])
+                    observed[k][w] = ok
+        answers = [self._kind_answer(k, grid, observed[k], values[k]) for k in self.spec.kinds]
+        return bar, answers
+
+    def _kind_answer(self, kind: str, grid: list[int], observed: dict[int, bool],
+                     values: dict[int, list[Job]]) -> KindAnswer:
+        from rattention.cache import cache_bytes
+
+        failures = [f"w={j.window} seed={j.seed}: {j.error} (counted as not passing)"
+                    for jobs in values.values() for j in jobs if j.error and not j.error.startswith("not run")]
+        try:
+            a = answer(grid, observed)
+        except ValueError:
+            return KindAnswer(kind, None, f"unsettled: trial budget ({self.spec.budget}) exhausted after "
+                              f"{len(observed)} of {len(grid)} grid points", len(observed), len(grid),
+                              point_bound(len(grid)), False, [], failures=failures)
+        out = KindAnswer(kind, a.minimal, a.note, a.points_used, a.grid_size, a.bound, True, a.non_monotone,
+                         failures=failures)
+        if a.minimal is not None:
+            vals = [j.value for j in values[a.minimal] if j.value is not None]
+            out.mean, out.spread = statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+            cfg = self.spec.trial_config(kind, a.minimal, self.spec.seed_list()[0], self.data_path)
+            out.cache_bytes = float(cache_bytes(cfg.model, self.spec.pareto.context))
+        return out
+
+    # ----- pareto --------------------------------------------------------------------------------------
+    def pareto(self) -> list[dict[str, Any]]:
+        import ray
+
+        seed = self.spec.seed_list()[0]
+        resumed = [t for t in self.study.trials() if t.state.name == "RUNNING"]
+        queue = [Job(t.user_attrs["kind"], t.user_attrs["window"], seed, number=t.number) for t in resumed
+                 if "kind" in t.user_attrs]
+        finished = sum(1 for t in self.study.trials() if t.state.name in ("COMPLETE", "FAIL"))
+        self.done = finished
+        in_flight: dict[Any, Job] = {}
+        total = self.spec.pareto.trials if self.spec.budget is None else min(self.spec.pareto.trials, self.spec.budget)
+        try:
+            while self.done + len(in_flight) < total or in_flight:
+                while len(in_flight) < self.spec.parallel and self.done + len(in_flight) < total:
+                    job = queue.pop(0) if queue else self.study.ask_sampled(seed)
+                    cfg = self.spec.trial_config(job.kind, job.window, seed, self.data_path, self.folder / "runs")
+                    in_flight[self.submit(job, cfg)] = job
+                ready, _ = ray.wait(list(in_flight), num_returns=1)
+                for ref in ready:
+                    self._finish(in_flight.pop(ref), ref)
+        except KeyboardInterrupt:
+            for ref in in_flight:
+                ray.cancel(ref)
+            raise
+        front = []
+        for t in self.study.best_trials:
+            front.append({"trial": t.number, "kind": t.user_attrs.get("kind"), "window": t.user_attrs.get("window"),
+                          self.metric: t.values[0], self.spec.pareto.metric(): t.values[1],
+                          "run_id": t.user_attrs.get("run_id")})
+        return sorted(front, key=lambda r: (r["kind"], r["window"]))
+
+    # ----- records -------------------------------------------------------------------------------------
+    def trials_table(self) -> list[dict[str, Any]]:
+        rows = []
+        for t in sorted(self.study.trials(), key=lambda t: t.number):
+            rows.append({"trial": t.number, "state": t.state.name, "kind": t.user_attrs.get("kind"),
+                         "window": t.user_attrs.get("window"), "seed": t.user_attrs.get("seed"),
+                         "value": t.values[0] if t.values else None,
+                         "fail_reason": t.user_attrs.get("fail_reason"), "run_id": t.user_attrs.get("run_id"),
+                         "mlflow_run_id": t.user_attrs.get("mlflow_run_id")})
+        return rows
+
+    def close(self, status: str, summary: dict[str, Any] | None) -> None:
+        from pipelines import tracking
+
+        c = tracking.client(self.uri)
+        with contextlib.suppress(Exception):
+            rows = self.trials_table()
+            _write_csv(self.folder / "trials.csv", rows)
+            tracking.log_artifact(c, self.parent, self.folder / "trials.csv")
+            (self.folder / "spec.yaml").write_text(yaml.safe_dump(self.spec.model_dump(mode="json"), sort_keys=False))
+            tracking.log_artifact(c, self.parent, self.folder / "spec.yaml")
+            if summary is not None:
+                (self.folder / "answer.json").write_text(json.dumps(summary, indent=2) + "\n")
+                tracking.log_artifact(c, self.parent, self.folder / "answer.json")
+                (self.folder / "summary.md").write_text(summary["table"] + "\n")
+                tracking.log_artifact(c, self.parent, self.folder / "summary.md")
+                if "pareto_front" in summary:
+                    (self.folder / "pareto_front.json").write_text(json.dumps(summary["pareto_front"], indent=2))
+                    tracking.log_artifact(c, self.parent, self.folder / "pareto_front.json")
+                metrics = {M.SWEEP_TRIALS: float(len(rows)), M.SWEEP_WALL_S: time.perf_counter() - self.t0}
+                for k in summary.get("kinds", []):
+                    if k["minimal"] is not None:
+                        metrics[M.sweep_minimal_window(k["kind"])] = float(k["minimal"])
+                tracking.log_metrics(c, self.parent, 0, metrics)
+                c.set_tag(self.parent, M.TAG_SWEEP_ANSWER, summary["answer_line"][:5000])
+        tracking.end_run(c, self.parent, status)
+
+
+# ----- entry point -----------------------------------------------------------------------------------------
+
+def sweep(spec: SweepSpec, address: str | None = None, resume: bool = False, dry_run: bool = False,
+          progress: bool = True) -> dict[str, Any]:
+    """Run (or with ``dry_run`` only print) the sweep; return its summary (also ``answer.json``)."""
+    if dry_run:
+        text = plan(spec)
+        print(text)
+        return {"plan": text}
+    from pipelines.ray_utils import init_ray
+    from pipelines.tracking import tracking_uri
+    from sweeps.spec import check_cluster
+
+    folder = spec.folder()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"out_dir: cannot create the sweep folder {folder} ({err.strerror or err})") from None
+    if not folder.is_dir():
+        raise ConfigError(f"out_dir: {folder} is not a folder")
+    base = spec.base_config()
+    with _driver_lock(folder), tracking_uri(base.tracking.uri, base.tracking.server_dir) as uri:
+        resources = init_ray(address, log_to_driver=False, logging_level="ERROR")
+        check_cluster(spec, resources)
+        data_path = build_data(spec, address)
+        sw = Sweep(spec, uri, data_path, resume, progress)
+        if progress:
+            say(f"sweep {spec.name}: {spec.mode}, objective {sw.metric} ({spec.direction()}), "
+                f"{len(spec.windows())} windows {spec.windows()}, seeds {spec.seed_list()}, {spec.parallel} "
+                f"parallel on Ray ({resources.get('CPU', 0):.0f} CPUs); study {spec.storage_url()}; "
+                f"MLflow {uri} experiment {spec.name!r}")
+        status, summary = "FAILED", None
+        try:
+            if spec.mode == "pareto":
+                front = sw.pareto()
+                summary = summarise_pareto(sw, front)
+            else:
+                bar, answers = sw.minimal_window()
+                summary = summarise(sw, bar, answers)
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            sw.close(status, summary)
+        if progress:
+            say("\n" + summary["table"])
+            say(f"\nstudy {spec.storage_url()}; MLflow parent run {sw.parent} in experiment {spec.name!r} at {uri}")
+        return summary
+
+
+def build_data(spec: SweepSpec, address: str | None) -> str | None:
+    """The trials' dataset: built into ``<sweep>/data`` when the spec says how (a no-op when up to date)."""
+    if spec.data is None:
+        return None
+    if spec.data.path is not None:
+        return spec.data.path
+    out = spec.folder() / "data"
+    if spec.data.prepare is not None:
+        from pipelines.tokenize import make_config, prepare
+
+        prepare(make_config(out=out, address=address, **spec.data.prepare))
+    else:
+        from pipelines.synth import make_config, synth
+
+        synth(make_config(out=out, address=address, **spec.data.synth))
+    return str(out.resolve())
+
+
+def plan(spec: SweepSpec) -> str:
+    """What a sweep would run: trials, their resources, and the cost, without running anything."""
+    est = spec.estimate()
+    grid = spec.windows()
+    lines = [f"sweep {spec.name} ({spec.mode}): objective {spec.objective.metric} ({spec.direction()}), "
+             f"tolerance {spec.tolerance.value:g} {spec.tolerance.kind}",
+             f"  study: {spec.storage_url()}; folder {spec.folder()}"]
+    seeds = spec.seed_list()
+    if spec.mode == "minimal-window":
+        lines.append(f"  baseline: full x seeds {seeds} = {len(seeds)} trials")
+        for k in spec.kinds:
+            lines.append(f"  {k}: grid {grid} ({len(grid)} points); k-ary search, at most "
+                         f"{point_bound(len(grid))} points x {len(seeds)} seeds = "
+                         f"{point_bound(len(grid)) * len(seeds)} trials")
+    else:
+        lines.append(f"  pareto: {spec.pareto.trials} trials ({spec.pareto.sampler}) over kinds {list(spec.kinds)} x "
+                     f"windows {grid}, against {spec.pareto.metric()}")
+    lines.append(f"  trials: at most {est['trials']}" + (f" (budget {spec.budget})" if spec.budget else "")
+                 + f", {spec.parallel} at once, each {spec.resources.cpus:g} CPU / {spec.resources.gpus:g} GPU")
+    lines.append(f"  cost: {est['train_tokens_per_trial']:,} training tokens per trial, "
+                 f"{est['train_flops_per_trial']:.3g} FLOPs; at most {est['train_tokens_total']:,} tokens, "
+                 f"{est['train_flops_total']:.3g} FLOPs in all")
+    return "\n".join(lines)
+
+
+def summarise(sw: Sweep, bar: Bar, answers: list[KindAnswer]) -> dict[str, Any]:
+    """The answer of a minimal-window sweep, as a dict and a printed table."""
+    from rattention.cache import cache_bytes
+
+    spec = sw.spec
+    ctx = spec.pareto.context
+    full_cfg = spec.trial_config(BASELINE, None, spec.seed_list()[0], sw.data_path)
+    full_cache = float(cache_bytes(full_cfg.model, ctx))
+    wall = time.perf_counter() - sw.t0
+    lines = [f"rule: {bar.rule(sw.metric)}", "",
+             f"| kind | minimal window | {sw.metric} (mean ± spread) | cache@{ctx} vs full | grid points used |",
+             "|---|---|---|---|---|",
+             f"| full (baseline) | - | {bar.baseline_mean:.4f} ± {bar.baseline_spread:.4f} | 1.00x "
+             f"({full_cache / 2**20:.1f} MiB) | {len(spec.seed_list())} seeds |"]
+    for a in answers:
+        win = str(a.minimal) if a.minimal is not None else ("none on the grid" if a.settled else "unsettled")
+        val = f"{a.mean:.4f} ± {a.spread:.4f}" if a.mean is not None else "-"
+        cache = f"{a.cache_bytes / full_cache:.3f}x ({a.cache_bytes / 2**20:.1f} MiB)" if a.cache_bytes else "-"
+        lines.append(f"| {a.kind} | {win} | {val} | {cache} | {a.points_used} of {a.grid_size} "
+                     f"(bound {a.bound}) |")
+    lines.append("")
+    for a in answers:
+        lines.append(f"{a.kind}: {a.note}")
+        lines.extend(f"  {f}" for f in a.failures)
+    lines.append(f"wall time {wall:.0f} s; {sw.done} trials, {sw.trained} trained now "
+                 f"(the rest were finished before)")
+    answer_line = "; ".join(f"{a.kind}: {a.minimal if a.minimal is not None else 'none'}" for a in answers)
+    return {"mode": "minimal-window", "metric": sw.metric, "rule": bar.rule(sw.metric), "bar": asdict(bar),
+            "kinds": [asdict(a) for a in answers], "wall_s": wall, "trials": sw.done, "trained": sw.trained,
+            "cache_context": ctx, "full_cache_bytes": full_cache, "table": "\n".join(lines),
+            "answer_line": answer_line}
+
+
+def summarise_pareto(sw: Sweep, front: list[dict[str, Any]]) -> dict[str, Any]:
+    other = sw.spec.pareto.metric()
+    lines = [f"Pareto front of {sw.metric} against {other} ({len(front)} of {sw.done} trials):", "",
+             f"| kind | window | {sw.metric} | {other} |", "|---|---|---|---|"]
+    lines += [f"| {r['kind']} | {r['window']} | {r[sw.metric]:.4f} | {r[other]:,.0f} |" for r in front]
+    wall = time.perf_counter() - sw.t0
+    lines.append(f"\nwall time {wall:.0f} s; {sw.done} trials, {sw.trained} trained now")
+    return {"mode": "pareto", "metric": sw.metric, "against": other, "pareto_front": front, "wall_s": wall,
+            "trials": sw.done, "trained": sw.trained, "table": "\n".join(lines),
+            "answer_line": "; ".join(f"{r['kind']} w={r['window']}" for r in front)}
+
+
+# ----- helpers -----------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _driver_lock(folder: Path) -> Iterator[None]:
+    """One driver per sweep folder: a second one is refused at once (an OS lock, freed if the driver dies)."""
+    f = (folder / LOCK_FILE).open("a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "?"
+        f.close()
+        raise ConfigError(f"{folder}: another sweep driver (pid {pid}) is running this sweep; wait for it, "
+                          "or stop it and pass --resume") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    return (lines[0] if lines else type(err).__name__)[:300]
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    path.write_text(buf.getvalue())
+
