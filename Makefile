@@ -32,7 +32,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 demo: setup
-	$(PY) -m rattention.cli demo
+	$(PY) -m rattention demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -46,10 +46,10 @@ def run_training(name: str, config: str, overrides: list[str], out: Path, nproc:
     """One training run (torchrun when nproc > 1); returns its results, losses and wall time."""
     run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)  # a benchmark run starts fresh, never resumes an old folder
-    cmd = [sys.executable, "-m", "rattention.train", config, *overrides, "--run-dir", str(run_dir)]
+    cmd = [sys.executable, "-m", "rattention", "train", config, *overrides, "--no-ray", "--run-dir", str(run_dir)]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "rattention.train", config, *overrides, "--run-dir", str(run_dir)]
+               "-m", "rattention", "train", config, *overrides, "--no-ray", "--run-dir", str(run_dir)]
     env = {**os.environ, **SAFE_ENV, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     print(f"\n=== {name}: {' '.join(cmd[2:])}", flush=True)
     t0 = time.perf_counter()

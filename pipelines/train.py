@@ -92,6 +92,9 @@ class RayTrain:
 
         init_ray(cfg.ray.address, dashboard=True)  # a dead address is one line here, before the run opens
 
+    def world_size(self, cfg: RunConfig) -> int:
+        return 1 if cfg.ray.local_mode else cfg.ray.workers
+
     def execute(self, handle: RunHandle) -> tuple[dict[str, Any], bool]:
         import ray.train
         from ray.train.torch import TorchConfig, TorchTrainer

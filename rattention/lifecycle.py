@@ -28,7 +28,7 @@ from rattention.data import dataset_fingerprint
 from rattention.errors import ConfigError
 from rattention.faults import Faults
 from rattention.logger import Sink
-from rattention.run_config import RunConfig, parse_run_config
+from rattention.run_config import RayConfig, RunConfig, parse_run_config
 from rattention.rundir import RunDir
 from rattention.runtime import barrier, broadcast, init_distributed, pick_device, rank_world, say
 
@@ -40,7 +40,7 @@ _NOT_IDENTITY = {
     "data": ("path",),  # the dataset's fingerprint stands for it
     "train": ("out_dir", "run_name", "log_every", "checkpoint_every", "keep_checkpoints"),
     "tracking": ("uri", "experiment", "server_dir", "system_metrics"),
-    "ray": ("address", "max_failures", "local_mode", "cpus_per_worker"),
+    "ray": tuple(RayConfig.model_fields),  # how many processes train is the identity's ``world``
 }
 
 
@@ -65,10 +65,11 @@ def identity_config(cfg: RunConfig) -> dict[str, Any]:
     return d
 
 
-def run_identity(cfg: RunConfig, dataset: str, code: str | None = None) -> str:
-    """The run's id: a hash of what it computes. The same config, data and code give the same id."""
-    blob = json.dumps({"config": identity_config(cfg), "dataset": dataset, "code": code or code_version()},
-                      sort_keys=True)
+def run_identity(cfg: RunConfig, dataset: str, code: str | None = None, world: int = 1) -> str:
+    """The run's id: a hash of what it computes. The same config, data, code and number of training
+    processes give the same id, whether the run trains locally, under torchrun or on Ray Train."""
+    blob = json.dumps({"config": identity_config(cfg), "dataset": dataset, "code": code or code_version(),
+                       "world": world}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -80,9 +81,10 @@ def run_name(cfg: RunConfig, run_id: str) -> str:
     return f"{cfg.model.kind}{window}-s{cfg.train.seed}-{run_id[:8]}"
 
 
-def locate(cfg: RunConfig) -> RunDir:
+def locate(cfg: RunConfig, world: int = 1) -> RunDir:
     """The folder the run of ``cfg`` has (or will have) under ``train.out_dir``."""
-    return RunDir(Path(cfg.train.out_dir) / run_name(cfg, run_identity(cfg, dataset_fingerprint(cfg.data.path))))
+    run_id = run_identity(cfg, dataset_fingerprint(cfg.data.path), world=world)
+    return RunDir(Path(cfg.train.out_dir) / run_name(cfg, run_id))
 
 
 def run_tags(cfg: RunConfig, dataset: str) -> dict[str, str]:
@@ -135,6 +137,8 @@ class Backend(Protocol):
 
     def prepare(self, cfg: RunConfig) -> None: ...
 
+    def world_size(self, cfg: RunConfig) -> int: ...
+
     def execute(self, handle: RunHandle) -> tuple[dict[str, Any], bool]: ...
 
 
@@ -143,6 +147,9 @@ class InProcess:
 
     def prepare(self, cfg: RunConfig) -> None:
         init_distributed(pick_device(cfg.train.device))
+
+    def world_size(self, cfg: RunConfig) -> int:
+        return rank_world()[1]
 
     def execute(self, handle: RunHandle) -> tuple[dict[str, Any], bool]:
         return train_and_evaluate(handle)
@@ -191,10 +198,10 @@ class Opened:
 
 
 def open_run(cfg: RunConfig, run_dir: str | Path | None, tracker: Tracker | None,
-             tags: dict[str, str] | None = None) -> Opened:
+             tags: dict[str, str] | None = None, world: int = 1) -> Opened:
     """Identity, folder, tracker run (rank 0). A finished run comes back with its results."""
     dataset = dataset_fingerprint(cfg.data.path)  # a missing dataset stops here, before any compute
-    run_id = run_identity(cfg, dataset)
+    run_id = run_identity(cfg, dataset, world=world)
     rd = RunDir(Path(run_dir) if run_dir is not None else Path(cfg.train.out_dir) / run_name(cfg, run_id))
     handle = RunHandle(config=cfg.to_dict(), run_dir=str(rd.path), run_id=run_id, tracker=tracker)
     if rd.exists():
@@ -238,7 +245,7 @@ def run(cfg: RunConfig, run_dir: str | Path | None = None, tracker: Tracker | No
     backend = backend or InProcess()
     backend.prepare(cfg)  # e.g. join the Ray cluster: a dead address fails before anything is created
     rank, _ = rank_world()
-    opened = open_run(cfg, run_dir, tracker, tags) if rank == 0 else None
+    opened = open_run(cfg, run_dir, tracker, tags, backend.world_size(cfg)) if rank == 0 else None
     opened = broadcast(opened)
     assert isinstance(opened, Opened)
     handle = opened.handle

@@ -37,7 +37,7 @@ def device_name() -> str:
 def provenance() -> dict[str, str]:
     """The record every benchmark JSON carries."""
     info = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "commit": git_commit(),
         "device": device_name(),
         "python": platform.python_version(),

@@ -161,6 +161,12 @@ class DataSource(_Spec):
         """``prepare`` or ``synth`` when the driver must build the dataset, else None."""
         return "prepare" if self.prepare is not None else "synth" if self.synth is not None else None
 
+    def builder_config(self, out: str | Path) -> Any:
+        """The pipeline config that builds the dataset into ``out`` (``PrepareConfig`` or ``SynthConfig``)."""
+        if self.builder is None:
+            raise ConfigError("data: a dataset path is given; there is nothing to build")
+        return _builder_config(self.builder, getattr(self, self.builder), Path(out))
+
 
 class Pareto(_Spec):
     """The multi-objective mode: the objective metric against cache bytes or training throughput."""
@@ -548,7 +554,7 @@ def _check_task_params(synth: dict[str, Any]) -> None:
             raise ConfigError(f"data.synth.params.{name}: not a parameter of {kind}; allowed: {', '.join(allowed)}")
 
 
-def _builder_config(section: str, kwargs: dict[str, Any]) -> Any:
+def _builder_config(section: str, kwargs: dict[str, Any], out: Path = Path("<sweep folder>/data")) -> Any:
     """The dataset builder's config (``PrepareConfig`` or ``SynthConfig``), validated by the pipeline's own
     ``make_config`` after a check of the names; nothing runs and Ray is not imported."""
     if section == "prepare":
@@ -561,6 +567,6 @@ def _builder_config(section: str, kwargs: dict[str, Any]) -> Any:
     if section == "synth":
         _check_task_params(kwargs)
     try:
-        return make_config(out=Path("<sweep folder>/data"), **kwargs)
+        return make_config(out=out, **kwargs)
     except ConfigError as err:
         raise ConfigError(f"data.{section}.{err}") from None

@@ -13,12 +13,12 @@ from mlflow.tracking import MlflowClient
 from pipelines.import_run import import_run
 from pipelines.tracking import SERVER_FILE, tracking_uri
 from pipelines.train import fit
+from rattention import lifecycle
 from rattention import metrics as M
 from rattention.errors import ConfigError, TrainingError
 from rattention.evaluate import load_model
 from rattention.run_config import dump_run_config
 from rattention.rundir import RunDir
-from rattention import lifecycle
 from tests.conftest import interrupt_when_training, tiny_run_config
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from rattention import lifecycle
 from rattention import metrics as M
 from rattention.cache import cache_bytes
 from rattention.evaluate import (
@@ -21,7 +22,6 @@ from rattention.evaluate import (
     task_accuracy,
 )
 from rattention.model import LM
-from rattention import lifecycle
 from tests.conftest import tiny_run_config
 
 V = 16

@@ -128,8 +128,17 @@ def test_window_at_least_t_gives_normed_swa_plus_zero_rla():
     assert (ra(longer) - sw(longer)).abs().max() > 1e-3
 
 
+def test_full_kind_has_rope_on_every_layer_and_local_global_g_layers_none():
+    """The full baseline is a standard Transformer (an all-NoPE stack has no position information); the
+    G layers of the local-global kinds stay NoPE, as in the paper. Each is a recorded config field."""
+    assert tiny(kind="full").nope_global is False and tiny(kind="swa").nope_global is True
+    assert all(b.attn.use_rope for b in LM(tiny(kind="full")).blocks)
+    kinds = LM(tiny(kind="rattention", layout="LG", n_layers=2)).blocks
+    assert kinds[0].attn.use_rope and not kinds[1].attn.use_rope
+
+
 def test_full_kind_is_plain_causal_attention():
-    m = model(kind="full")
+    m = model(kind="full", nope_global=True)
     attn = m.blocks[0].attn
     x = torch.randn(2, 9, 32, dtype=torch.float64)
     q, k, v = attn._project(x)

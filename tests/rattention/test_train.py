@@ -8,17 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from rattention import lifecycle
 from rattention import metrics as M
 from rattention.checkpoint import LocalCheckpointer
 from rattention.config import ModelConfig
 from rattention.errors import ConfigError, TrainingError
+from rattention.faults import Faults
+from rattention.logger import LaggedReadings
 from rattention.model import LM
 from rattention.optim import WarmupCosine, build_optimizer
 from rattention.run_config import TrainConfig, dump_run_config, load_run_config
 from rattention.rundir import RunDir
-from rattention.faults import Faults
-from rattention import lifecycle
-from rattention.logger import LaggedReadings
 from tests.conftest import interrupt_when_training, tiny_run_config
 
 CONFIGS = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))

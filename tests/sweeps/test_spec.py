@@ -83,6 +83,9 @@ def test_recall_setting():
     assert spec.data is not None and spec.data.synth["params"]["gap"] == 96
     assert [w for w in spec.windows() if w < 96] == [16, 32, 64]  # the gap lies beyond these
     assert spec.base_config().eval.task_params == {"mqar": {"num_pairs": 8, "gap": 96}}
+    built = spec.data.builder_config(Path("/tmp/sweep/data"))
+    assert (built.kind, built.seq_len, built.split, built.out) == ("mqar", 256, "train", Path("/tmp/sweep/data"))
+    assert spec.base_config().data.train_split == built.split == spec.base_config().data.val_split
 
 
 def test_demo_paths_and_storage():
@@ -92,6 +95,7 @@ def test_demo_paths_and_storage():
     assert spec.storage_url() == str(spec.folder() / "optuna.journal") and spec.journal_path() is not None
     assert load_spec(DEMO, ["storage=sqlite:///x.db"]).journal_path() is None
     assert spec.seed_list() == [0, 1]
+    assert spec.data is not None and spec.data.builder_config("d").vocab_size == 8192
     assert load_spec(DEMO, ["seeds=[3,7]"]).seed_list() == [3, 7]
 
 
