@@ -59,7 +59,7 @@ class PrepareConfig(BaseModel):
 
     out: Path
     sources: list[str] = Field(default_factory=lambda: ["stdlib"])
-    vocab_size: int = 8192
+    vocab_size: int = Field(8192, ge=257)  # 256 byte tokens + EOS at least
     tokenizer: Path | None = None
     tokenizer_sample_mb: float = Field(16.0, gt=0)
     eos_token: str = EOS_TOKEN
