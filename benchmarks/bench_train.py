@@ -52,11 +52,11 @@ def main() -> None:
     from pipelines.ray_utils import init_ray
     from pipelines.tracking import local_server
     from pipelines.train import fit
+    from rattention import lifecycle
     from rattention import metrics as M
     from rattention.provenance import provenance
     from rattention.run_config import load_run_config
     from rattention.rundir import RunDir
-    from rattention import lifecycle
 
     cores = os.cpu_count() or 1
     rows = []

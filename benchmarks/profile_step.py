@@ -21,10 +21,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from rattention.logger import LaggedReadings  # noqa: E402
 from rattention.model import LM  # noqa: E402
 from rattention.optim import build_optimizer, build_scheduler  # noqa: E402
 from rattention.run_config import load_run_config  # noqa: E402
-from rattention.logger import LaggedReadings  # noqa: E402
 from rattention.runtime import init_distributed, pick_device, rank_world  # noqa: E402
 from rattention.train import train_step, wrap_model  # noqa: E402
 

@@ -189,24 +189,30 @@ def parse_run_config(data: dict[str, Any]) -> RunConfig:
         raise ConfigError(format_validation_error(err)) from None
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Set dotted ``key=value`` pairs into a nested dict; values parse as YAML (``3e-4``, ``[1,2]``, ``null``)."""
+def apply_overrides(data: dict[str, Any], overrides: list[str], sectioned: bool = True,
+                    example: str = "train.lr=3e-4") -> dict[str, Any]:
+    """Set dotted ``key=value`` pairs into a nested dict; values parse as YAML (``3e-4``, ``[1,2]``, ``null``).
+
+    ``sectioned``: every key must name a section and a field (run configs); sweep specs also take
+    top-level keys (``parallel=2``).
+    """
     out = _deep_copy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()
-        if not sep or not key or "." not in key:
-            raise ConfigError(f"override {item!r}: expected section.field=value, e.g. train.lr=3e-4")
+        if not sep or not key or (sectioned and "." not in key):
+            shape = "section.field=value" if sectioned else "field=value"
+            raise ConfigError(f"override {item!r}: expected {shape}, e.g. {example}")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
         node = out
         parts = key.split(".")
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
             child = node.setdefault(p, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override {key}: {p} is not a section")
+                raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is not a section")
             node = child
         node[parts[-1]] = value
     return out

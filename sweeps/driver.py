@@ -28,7 +28,7 @@ import os
 import statistics
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,11 +252,9 @@ class Sweep:
                 M.TAG_SOURCE: "sweep"}
 
     # ----- running trials ------------------------------------------------------------------------------
-    def run_jobs(self, jobs: list[Job], remaining: Iterator[int] | None = None) -> None:
+    def run_jobs(self, jobs: list[Job]) -> None:
         """Evaluate ``jobs`` on Ray, at most ``parallel`` at once; a point already told is not re-run."""
-        import ray
-
-        queue = deque()
+        queue: deque[Job] = deque()
         for job in jobs:
             old = self.study.find(job)
             if old is not None and old.state.name in ("COMPLETE", "FAIL"):  # told before: its record stands
@@ -269,26 +267,41 @@ class Sweep:
             if old is not None and old.state.name == "RUNNING":
                 job.number = old.number  # its driver died: run the same trial again (it resumes)
             queue.append(job)
+
+        def next_job() -> Job | None:
+            while queue:
+                job = queue.popleft()
+                if job.number is not None:
+                    return job
+                if self.over_budget():
+                    job.error = "not run: trial budget exhausted"
+                    self.jobs.append(job)
+                    continue
+                job.number = self.study.ask(job)
+                return job
+            return None
+
+        self._pump(next_job)
+
+    def _pump(self, next_job: Callable[[], Job | None]) -> None:
+        """Keep up to ``parallel`` trials in flight, taking each from ``next_job`` (None: no more), until
+        all have finished; on Ctrl-C cancel them, so their lifecycles mark their runs KILLED."""
+        import ray
+
         in_flight: dict[Any, Job] = {}
         try:
-            while queue or in_flight:
-                while queue and len(in_flight) < self.spec.parallel:
-                    job = queue.popleft()
-                    if job.number is None:
-                        if self.over_budget():
-                            job.error = "not run: trial budget exhausted"
-                            self.jobs.append(job)
-                            continue
-                        job.number = self.study.ask(job)
-                    cfg = self.spec.trial_config(job.kind, job.window, job.seed, self.data_path,
-                                                 self.folder / "runs")
+            while True:
+                while len(in_flight) < self.spec.parallel and (job := next_job()) is not None:
+                    cfg = self.spec.trial_config(job.kind, job.window, job.seed, self.data_path, self.folder / "runs")
                     in_flight[self.submit(job, cfg)] = job
+                if not in_flight:
+                    return
                 ready, _ = ray.wait(list(in_flight), num_returns=1)
                 for ref in ready:
                     self._finish(in_flight.pop(ref), ref)
         except KeyboardInterrupt:
             for ref in in_flight:
-                ray.cancel(ref)  # the trial's lifecycle sees KeyboardInterrupt and marks its run KILLED
+                ray.cancel(ref)
             with contextlib.suppress(Exception):
                 ray.wait(list(in_flight), num_returns=len(in_flight), timeout=20)
             raise
@@ -423,7 +436,6 @@ class Sweep:
 
     # ----- pareto --------------------------------------------------------------------------------------
     def pareto(self) -> list[dict[str, Any]]:
-        import ray
 
         seed = self.spec.seed_list()[0]
         resumed = [t for t in self.study.trials() if t.state.name == "RUNNING"]
@@ -431,21 +443,17 @@ class Sweep:
                  if "kind" in t.user_attrs]
         finished = sum(1 for t in self.study.trials() if t.state.name in ("COMPLETE", "FAIL"))
         self.done = finished
-        in_flight: dict[Any, Job] = {}
         total = self.spec.pareto.trials if self.spec.budget is None else min(self.spec.pareto.trials, self.spec.budget)
-        try:
-            while self.done + len(in_flight) < total or in_flight:
-                while len(in_flight) < self.spec.parallel and self.done + len(in_flight) < total:
-                    job = queue.pop(0) if queue else self.study.ask_sampled(seed)
-                    cfg = self.spec.trial_config(job.kind, job.window, seed, self.data_path, self.folder / "runs")
-                    in_flight[self.submit(job, cfg)] = job
-                ready, _ = ray.wait(list(in_flight), num_returns=1)
-                for ref in ready:
-                    self._finish(in_flight.pop(ref), ref)
-        except KeyboardInterrupt:
-            for ref in in_flight:
-                ray.cancel(ref)
-            raise
+        launched = self.done
+
+        def next_job() -> Job | None:
+            nonlocal launched
+            if launched >= total:
+                return None
+            launched += 1
+            return queue.pop(0) if queue else self.study.ask_sampled(seed)
+
+        self._pump(next_job)
         front = []
         for t in self.study.best_trials:
             front.append({"trial": t.number, "kind": t.user_attrs.get("kind"), "window": t.user_attrs.get("window"),

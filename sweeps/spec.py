@@ -9,7 +9,6 @@ mode (``minimal-window`` or ``pareto``). ``load_spec`` reads one from YAML; a ba
 
 from __future__ import annotations
 
-import copy
 import difflib
 import json
 import math
@@ -25,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from rattention import metrics as M
 from rattention.config import KINDS, format_validation_error
 from rattention.errors import ConfigError
-from rattention.run_config import RunConfig, load_run_config
+from rattention.run_config import RunConfig, apply_overrides, load_run_config
 
 LOCAL_KINDS = ("swa", "rattention")
 BASELINE = "full"
@@ -469,25 +468,7 @@ def _num(x: float) -> str:
 
 def _apply_spec_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """``parallel=2``, ``grid.windows=[16,32]``: dotted keys into the spec, values parsed as YAML."""
-    out = copy.deepcopy(data)
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected field=value, e.g. parallel=2 or grid.windows=[16,32]")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
-        node = out
-        parts = key.split(".")
-        for i, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is not a section")
-            node = child
-        node[parts[-1]] = value
-    return out
+    return apply_overrides(data, overrides, sectioned=False, example="parallel=2 or grid.windows=[16,32]")
 
 
 def _submodel(cls: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:

@@ -108,7 +108,7 @@ def test_trial_config_sets_kind_window_seed_experiment(tmp_path: Path):
     assert full.model.nope_global is False  # a standard Transformer: RoPE on every layer
     assert full.tracking.experiment == "demo"
     assert full.data.path == str(tmp_path / "data") and full.train.out_dir == str(tmp_path / "runs")
-    assert full.train.steps == 150 and full.eval.copy_distances == [128]  # the spec's overrides
+    assert full.train.steps == 100 and full.eval.copy_distances == [128]  # the spec's overrides
     for kind in ("swa", "rattention"):
         t = spec.trial_config(kind, 32, 0)
         assert (t.model.kind, t.model.window, t.train.seed) == (kind, 32, 0)
