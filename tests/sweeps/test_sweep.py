@@ -182,3 +182,22 @@ def test_dry_run_prints_the_plan(train_dataset: Path, mlflow_server: str, tmp_pa
     assert "baseline: full x seeds [0, 1] = 2 trials" in out.stdout
     assert "at most 4 points x 2 seeds = 8 trials" in out.stdout and "1 CPU / 0 GPU" in out.stdout
     assert not (tmp_path / "sweeps" / "plan").exists()  # nothing run, nothing written
+
+
+def test_pareto_mode_reports_the_front(train_dataset: Path, mlflow_server: str, ray_local, tmp_path: Path) -> None:
+    path = write_spec(tmp_path, train_dataset, mlflow_server, "front", mode="pareto", seeds=1,
+                      tolerance={"kind": "absolute", "value": 0.1},
+                      pareto={"against": "cache_bytes", "context": 32768, "sampler": "nsga2", "trials": 4})
+    summary = sweep(load_spec(path), progress=False)
+    trials = [t for t in study(path).trials if t.state.name == "COMPLETE"]
+    assert len(trials) == summary["trials"] == 4
+    assert all(len(t.values) == 2 for t in trials)  # the objective and the cache bytes at 32768
+    best = {t.number for t in study(path).best_trials}
+    assert {r["trial"] for r in summary["pareto_front"]} == best
+    for r in summary["pareto_front"]:  # nothing on the front is dominated by another evaluated trial
+        assert not any(t.values[0] < r["eval/val_loss_pos_16_end"] and t.values[1] < r["eff/cache_bytes_ctx32768"]
+                       for t in trials)
+    c = MlflowClient(mlflow_server)
+    parent = [r for r in c.search_runs([c.get_experiment_by_name("front").experiment_id])
+              if M.TAG_PARENT not in r.data.tags][0]
+    assert "pareto_front.json" in {a.path for a in c.list_artifacts(parent.info.run_id)}
