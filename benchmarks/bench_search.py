@@ -5,16 +5,13 @@ from a deterministic curve). For every curve shape below, block-aligned grids of
 slots, it drives ``sweeps.search`` as the sweep driver does (evaluate each proposed round, observe, repeat)
 and records points used, rounds, the point bound and whether the minimum is the true one. It also runs all
 n + 1 monotone pass patterns of each grid for the worst case. Writes ``benchmarks/results/search.json``
-and ``benchmarks/search.md``, and prints the table.
+and its section of ``benchmarks/sweep.md``, and prints the table.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import math
-import platform
-import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,6 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the repo root, as the other benchmark scripts do
 
+from rattention.provenance import provenance, write_section  # noqa: E402
 from sweeps.search import Bar, answer, next_windows, point_bound  # noqa: E402
 
 GRID_SIZES = (4, 8, 16, 32, 64)
@@ -52,16 +50,6 @@ def drive(grid: list[int], passed: Callable[[int], bool], slots: int) -> tuple[i
         observed.update({w: passed(w) for w in windows})
     got = answer(grid, observed)
     return got.minimal, got.points_used, rounds
-
-
-def git_commit() -> str:
-    """HEAD, with '+dirty' when tracked files have changes; 'unknown' outside a checkout."""
-    try:
-        run = lambda *a: subprocess.run(["git", "-C", str(HERE), *a], capture_output=True, text=True,
-                                        check=True, timeout=10).stdout.strip()
-        return run("rev-parse", "HEAD") + ("+dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def main() -> None:
@@ -96,18 +84,16 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
 
-    provenance = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
-                  "python": platform.python_version()}
-    result = {"provenance": provenance, "bar": BAR.rule("loss"), "grid": f"{BLOCK} * (1..n)", "rows": rows,
+    prov = provenance()
+    result = {"provenance": prov, "bar": BAR.rule("loss"), "grid": f"{BLOCK} * (1..n)", "rows": rows,
               "worst_case": worst}
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "search.json").write_text(json.dumps(result, indent=2) + "\n")
     over = [w for w in worst if w["max_points"] > w["bound"]]
     wrong = [r for r in rows if not r["correct"]] + [w for w in worst if not w["correct"]]
-    (HERE / "search.md").write_text(
-        "# Window search: points and rounds\n\n"
-        "Command: `.venv/bin/python benchmarks/bench_search.py` (JSON: `benchmarks/results/search.json`).\n\n"
-        f"Recorded {provenance['date']} at commit {provenance['commit']}, Python {provenance['python']}.\n\n"
+    write_section(HERE / "sweep.md", "bench_search", "## The window search: points used against the grid\n\n"
+        "Command: `python benchmarks/bench_search.py` (JSON: `benchmarks/results/search.json`).\n\n"
+        f"Recorded {prov['date']} at commit {prov['commit']}, Python {prov['python']}.\n\n"
         f"Each cell is grid points evaluated / rounds for one curve shape; grids are {BLOCK} x (1..n), "
         f"{BAR.rule('loss')}.\n\n" + table + "\n\n"
         "- The search is k-ary bisection: each round evaluates up to `slots` windows, sized so the worst case "

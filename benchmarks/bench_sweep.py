@@ -45,8 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_train import random_dataset  # noqa: E402
+from rattention.provenance import write_section  # noqa: E402
 
-START, END = "<!-- bench_sweep:start -->", "<!-- bench_sweep:end -->"
 GRID = [4, 8, 16]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "sweep.json"
 TARGET = 0.10  # the issue's bound on a trial's Ray overhead, for trials of 30 s or more
@@ -308,7 +308,7 @@ def section(rec: dict[str, Any], json_path: Path) -> str:
     p, s = rec["provenance"], rec["setup"]
     a, b = rec["parts"].get("sweep"), rec["parts"].get("trial")
     jp = json_path.relative_to(ROOT) if json_path.is_relative_to(ROOT) else json_path
-    lines = [START, "## Sweep wall time and a trial's Ray overhead: `python benchmarks/bench_sweep.py`", "",
+    lines = ["## Sweep wall time and a trial's Ray overhead: `python benchmarks/bench_sweep.py`", "",
              f"Command: `{command(rec)}` (`{jp}`). Recorded {p['date']} at commit {p['commit']} on {p['device']}, "
              f"{p['cpu_count']} cores, torch {p['torch']}; local Ray with {s['ray_cpus']:.0f} CPUs and a local "
              f"MLflow server, both started before any timing (Ray {s['ray_start_s']:.1f} s, MLflow "
@@ -325,7 +325,7 @@ def section(rec: dict[str, Any], json_path: Path) -> str:
                   "imports torch and the training code, as a sweep's first trials do; later trials reuse that "
                   "worker. Alternating pairs, local first, a fresh run folder each; whole wall time.", ""]
         lines += trial_tables(b)
-    lines += notes(rec) + [END]
+    lines += notes(rec)
     return "\n".join(lines) + "\n"
 
 
@@ -374,18 +374,6 @@ def notes(rec: dict[str, Any]) -> list[str]:
     return [*out, ""] if out else []
 
 
-def write_markdown(path: Path, text: str) -> None:
-    """Replace this script's section of ``path`` (between its markers), keeping everything else."""
-    old = path.read_text() if path.is_file() else "# Sweep benchmarks\n\n"
-    if START in old and END in old:
-        head, rest = old.split(START, 1)
-        tail = rest.split(END, 1)[1]
-        new = head + text.rstrip("\n") + tail
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    path.write_text(new)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats-sweep", type=int, default=2, help="runs of the sweep per P (alternating P=1, P=2)")
@@ -400,7 +388,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.render:
         rec = json.loads(Path(args.out).read_text())
-        write_markdown(Path(args.md), section(rec, Path(args.out)))
+        write_section(args.md, "bench_sweep", section(rec, Path(args.out)), "# Sweep benchmarks")
         print("\n".join(tables(rec) + notes(rec)))
         return
 
@@ -444,7 +432,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rec, indent=2) + "\n")
-    write_markdown(Path(args.md), section(rec, out))
+    write_section(args.md, "bench_sweep", section(rec, out), "# Sweep benchmarks")
     print("\n" + "\n".join(tables(rec) + notes(rec)))
 
 

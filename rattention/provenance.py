@@ -51,3 +51,19 @@ def provenance() -> dict[str, str]:
     except ImportError:
         info["triton"] = "absent"
     return info
+
+
+def write_section(path: str | Path, name: str, text: str, title: str = "# Benchmarks") -> None:
+    """Put ``text`` in ``path`` between ``<!-- name:start -->`` and ``<!-- name:end -->``, keeping the rest,
+    so several benchmark scripts can record into one markdown file."""
+    path = Path(path)
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{text.strip()}\n{end}"
+    old = path.read_text() if path.is_file() else f"{title}\n\n"
+    if start in old and end in old:
+        head, rest = old.split(start, 1)
+        new = head + block + rest.split(end, 1)[1]
+    else:
+        new = old.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(new)
+

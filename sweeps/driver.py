@@ -557,6 +557,9 @@ def build_data(spec: SweepSpec, address: str | None) -> str | None:
     if spec.data.path is not None:
         return spec.data.path
     out = spec.folder() / "data"
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-operator progress lines, not ours
     if spec.data.prepare is not None:
         from pipelines.tokenize import make_config, prepare
 
