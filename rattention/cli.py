@@ -1,4 +1,4 @@
-"""The command line: ``rattention data|train|eval|import-run|demo``.
+"""The command line: ``rattention data|train|eval|import-run|sweep|demo``.
 
 This is the one module that reaches every package (the demo composes them); nothing imports it.
 Heavy imports (ray, mlflow, optuna) happen inside the commands, so ``--help`` stays fast.
