@@ -455,7 +455,7 @@ class Sweep:
 
         self._pump(next_job)
         front = []
-        for t in self.study.best_trials:
+        for t in self.study.study.best_trials:
             front.append({"trial": t.number, "kind": t.user_attrs.get("kind"), "window": t.user_attrs.get("window"),
                           self.metric: t.values[0], self.spec.pareto.metric(): t.values[1],
                           "run_id": t.user_attrs.get("run_id")})
