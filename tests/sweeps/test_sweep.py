@@ -201,3 +201,36 @@ def test_pareto_mode_reports_the_front(train_dataset: Path, mlflow_server: str, 
     parent = [r for r in c.search_runs([c.get_experiment_by_name("front").experiment_id])
               if M.TAG_PARENT not in r.data.tags][0]
     assert "pareto_front.json" in {a.path for a in c.list_artifacts(parent.info.run_id)}
+
+
+def test_ctrl_c_stops_the_sweep_and_leaves_nothing_running(train_dataset: Path, mlflow_server: str, ray_local,
+                                                          tmp_path: Path) -> None:
+    import ray
+
+    path = write_spec(tmp_path, train_dataset, mlflow_server, "ctrlc", parallel=1)
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    folder = tmp_path / "sweeps" / "ctrlc"
+    proc = subprocess.Popen([sys.executable, "-m", "rattention", "sweep", str(path)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 240
+        while not ((folder / "runs").is_dir() and any(RunDir(p).metrics() and RunDir(p).status()["status"] ==
+                                                      "RUNNING" for p in (folder / "runs").iterdir())):
+            assert proc.poll() is None and time.monotonic() < deadline, "no trial started training"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted: sweep stopped") and "Traceback" not in err
+    c = MlflowClient(mlflow_server)
+    runs = c.search_runs([c.get_experiment_by_name("ctrlc").experiment_id], max_results=50)
+    deadline = time.monotonic() + 30  # the cancelled trial marks its own run
+    while any(r.info.status == "RUNNING" for r in runs) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        runs = c.search_runs([c.get_experiment_by_name("ctrlc").experiment_id], max_results=50)
+    assert {r.info.status for r in runs if M.TAG_PARENT not in r.data.tags} == {"KILLED"}
+    assert "RUNNING" not in {r.info.status for r in runs}
