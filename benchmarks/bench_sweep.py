@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -73,24 +72,6 @@ def phrase_dataset(folder: Path) -> Path:
     return write_token_dataset(folder, docs, TRAIN_VOCAB, TRAIN_EOS)
 
 
-def write_sweep_spec(tmp: Path, dataset: Path, uri: str, name: str, parallel: int) -> Path:
-    """The spec of ``tests/sweeps/test_sweep.py::write_spec`` (same base config and fields), at ``parallel``."""
-    from tests.conftest import tiny_run_config
-
-    base = tmp / f"{name}-base.yaml"
-    cfg = tiny_run_config(dataset, "train.steps=12", "train.checkpoint_every=6", "eval.tasks=[]",
-                          "eval.decode_tokens=0", f"tracking.uri={uri}").to_dict()
-    del cfg["model"]["nope_global"]  # resolved by kind per trial, as in a hand-written config
-    base.write_text(yaml.safe_dump(cfg))
-    spec = {"name": name, "base": str(base), "kinds": ["swa", "rattention"],
-            "grid": {"windows": GRID, "block": 4}, "objective": {"metric": "eval/val_loss_pos_16_end"},
-            "tolerance": {"kind": "absolute", "value": 10.0}, "seeds": 2, "parallel": parallel,
-            "out_dir": str(tmp / "sweeps" / name)}
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
 # ----- part A: the integration sweep ----------------------------------------------------------------------
 
 def fresh_ray(cores: int, settle_s: float = SETTLE_S) -> float:
@@ -118,6 +99,7 @@ def trial_spans(runs: Path) -> list[float]:
 def part_sweep(tmp: Path, uri: str, repeats: int, cores: int) -> dict[str, Any]:
     from sweeps.driver import sweep
     from sweeps.spec import load_spec
+    from tests.conftest import write_sweep_spec
 
     ds = phrase_dataset(tmp / "phrases")
     runs = []
@@ -126,7 +108,8 @@ def part_sweep(tmp: Path, uri: str, repeats: int, cores: int) -> dict[str, Any]:
             fresh_ray(cores)
             for workers in ("cold", "warm"):  # on the new Ray's workers, then again on the same ones
                 name = f"bench-p{parallel}-r{rep}-{workers}"
-                spec = load_spec(write_sweep_spec(tmp, ds, uri, name, parallel))
+                spec = load_spec(write_sweep_spec(tmp, ds, uri, name, parallel=parallel,
+                                                  out_dir=str(tmp / "sweeps" / name)))
                 t0 = time.perf_counter()
                 summary = sweep(spec, progress=False)
                 wall = time.perf_counter() - t0
@@ -148,7 +131,7 @@ def part_sweep(tmp: Path, uri: str, repeats: int, cores: int) -> dict[str, Any]:
                           "min_wall_s": {str(p): min(v) for p, v in by.items()},
                           "max_wall_s": {str(p): max(v) for p, v in by.items()},
                           "speedup_p1_over_p2": med[1] / med[2]}
-    return {"spec": "tests/sweeps/test_sweep.py::write_spec: 2 layers, d_model 32, T=32, 12 steps, windows "
+    return {"spec": "tests/conftest.py::write_sweep_spec: 2 layers, d_model 32, T=32, 12 steps, windows "
                     f"{GRID}, kinds swa+rattention, 2 seeds, objective eval/val_loss_pos_16_end, "
                     "absolute tolerance 10, 1 CPU per trial",
             "runs": runs, **stats,

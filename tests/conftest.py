@@ -126,3 +126,22 @@ def interrupt_when_training(cmd: list[str], run_dir: Path, after_step: int, env:
                 proc.kill()
         err.seek(0)
         return rc, err.read()
+
+
+def write_sweep_spec(tmp: Path, dataset: Path, uri: str, name: str, **fields) -> Path:
+    """A sweep spec of the 2-layer T=32 model over windows 4, 8, 16 (every trial trains in about a second); the
+    sweep tests and ``benchmarks/bench_sweep.py`` run it. ``fields`` override the spec's."""
+    import yaml
+
+    base = tmp / f"{name}-base.yaml"
+    cfg = tiny_run_config(dataset, "train.steps=12", "train.checkpoint_every=6", "eval.tasks=[]",
+                          "eval.decode_tokens=0", f"tracking.uri={uri}").to_dict()
+    del cfg["model"]["nope_global"]  # resolved by kind per trial, as in a hand-written config
+    base.write_text(yaml.safe_dump(cfg))
+    spec = {"name": name, "base": str(base), "kinds": ["swa", "rattention"],
+            "grid": {"windows": [4, 8, 16], "block": 4}, "objective": {"metric": "eval/val_loss_pos_16_end"},
+            "tolerance": {"kind": "absolute", "value": 10.0}, "seeds": 2, "parallel": 2,
+            "out_dir": str(tmp / "sweeps"), **fields}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path

@@ -13,35 +13,15 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
 from rattention import metrics as M
 from rattention.rundir import RunDir
 from sweeps.driver import sweep
 from sweeps.spec import load_spec
-from tests.conftest import tiny_run_config
+from tests.conftest import write_sweep_spec as write_spec
 
 ROOT = Path(__file__).resolve().parents[2]
-GRID = [4, 8, 16]
-
-
-def write_spec(tmp: Path, dataset: Path, uri: str, name: str, **fields) -> Path:
-    """A sweep of the 2-layer T=32 model over windows 4, 8, 16: every trial trains in about a second."""
-    base = tmp / f"{name}-base.yaml"
-    cfg = tiny_run_config(dataset, "train.steps=12", "train.checkpoint_every=6", "eval.tasks=[]",
-                          "eval.decode_tokens=0", f"tracking.uri={uri}").to_dict()
-    del cfg["model"]["nope_global"]  # resolved by kind per trial, as in a hand-written config
-    base.write_text(yaml.safe_dump(cfg))
-    spec = {"name": name, "base": str(base), "kinds": ["swa", "rattention"],
-            "grid": {"windows": GRID, "block": 4}, "objective": {"metric": "eval/val_loss_pos_16_end"},
-            "tolerance": {"kind": "absolute", "value": 10.0}, "seeds": 2, "parallel": 2,
-            "out_dir": str(tmp / "sweeps"), **fields}
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
 def starts(folder: Path) -> dict[str, int]:
     """Training sessions begun in each trial's run folder."""
     return {p.name: int(RunDir(p).meta().get("starts", 0)) for p in sorted((folder / "runs").iterdir())}
