@@ -300,11 +300,35 @@ class Sweep:
                 for ref in ready:
                     self._finish(in_flight.pop(ref), ref)
         except KeyboardInterrupt:
-            for ref in in_flight:
-                ray.cancel(ref)
-            with contextlib.suppress(Exception):
-                ray.wait(list(in_flight), num_returns=len(in_flight), timeout=20)
+            self._stop(in_flight)
             raise
+
+    def _stop(self, in_flight: dict[Any, Job]) -> None:
+        """Cancel the running trials (each lifecycle sees KeyboardInterrupt and marks its run KILLED); kill
+        those that do not stop within 20 s, and mark what they left RUNNING KILLED from here."""
+        import ray
+
+        from pipelines import tracking
+        from rattention import lifecycle
+
+        refs = list(in_flight)
+        for ref in refs:
+            ray.cancel(ref)
+        with contextlib.suppress(Exception):
+            _, late = ray.wait(refs, num_returns=len(refs), timeout=20)
+            for ref in late:
+                ray.cancel(ref, force=True)
+            ray.wait(late, num_returns=len(late), timeout=10)
+        c = tracking.client(self.uri)
+        for job in in_flight.values():
+            with contextlib.suppress(Exception):
+                rd = lifecycle.locate(self.spec.trial_config(job.kind, job.window, job.seed, self.data_path,
+                                                             self.folder / "runs"))
+                if rd.exists() and rd.status().get("status") == "RUNNING":
+                    rd.set_status("KILLED", error="interrupted")
+                run = rd.meta().get("mlflow_run_id")
+                if run and c.get_run(run).info.status == "RUNNING":
+                    tracking.end_run(c, run, "KILLED")
 
     def submit(self, job: Job, cfg: Any) -> Any:
         """Start the trial as a Ray task with the spec's resources; a worker that dies is retried once."""
