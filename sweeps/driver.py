@@ -225,7 +225,6 @@ class Sweep:
         self.t0 = time.perf_counter()
         self.done = 0
         self.trained = 0
-        self.jobs: list[Job] = []
         self.parent = self._open_parent(resume)
 
     # ----- tracking ------------------------------------------------------------------------------------
@@ -275,7 +274,6 @@ class Sweep:
                     return job
                 if self.over_budget():
                     job.error = "not run: trial budget exhausted"
-                    self.jobs.append(job)
                     continue
                 job.number = self.study.ask(job)
                 return job
@@ -377,7 +375,6 @@ class Sweep:
         self._report(job, "trained" if out.get("trained") else ("finished before" if out else None))
 
     def _report(self, job: Job, how: str | None) -> None:
-        self.jobs.append(job)
         self.done += 1
         if not self.progress:
             return

@@ -214,3 +214,13 @@ def test_ctrl_c_stops_the_sweep_and_leaves_nothing_running(train_dataset: Path, 
         runs = c.search_runs([c.get_experiment_by_name("ctrlc").experiment_id], max_results=50)
     assert {r.info.status for r in runs if M.TAG_PARENT not in r.data.tags} == {"KILLED"}
     assert "RUNNING" not in {r.info.status for r in runs}
+
+
+def test_trial_budget_stops_the_search_unsettled(train_dataset: Path, mlflow_server: str, ray_local,
+                                                 tmp_path: Path) -> None:
+    path = write_spec(tmp_path, train_dataset, mlflow_server, "budget", budget=4)
+    summary = sweep(load_spec(path), progress=False)
+    assert len(study(path).trials) == 4  # the baseline's 2 seeds, then one point of one kind
+    assert all(not k["settled"] and k["minimal"] is None for k in summary["kinds"])
+    assert all("budget (4) exhausted" in k["note"] for k in summary["kinds"])
+    assert "unsettled" in summary["table"]
