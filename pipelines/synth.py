@@ -27,7 +27,7 @@ from pipelines.tokenize import (
 )
 from rattention.data import FORMAT_VERSION, iter_samples, read_manifest, sha256_file
 from rattention.errors import ConfigError, DataError, format_validation_error
-from rattention.tasks import TASKS, TaskVocab, generate
+from rattention.tasks import TASKS, TaskVocab, generate, task_parameters
 
 MASK_DOC = "uint8 per token, 1 where the token is an answer: score the prediction of tokens[t] from tokens[:t]"
 
@@ -59,7 +59,7 @@ def make_config(**kwargs: Any) -> SynthConfig:
         raise ConfigError(format_validation_error(err)) from None
     if cfg.kind not in TASKS:
         raise ConfigError(f"kind: must be one of {', '.join(TASKS)}, got {cfg.kind!r}")
-    allowed = [p for p in inspect.signature(TASKS[cfg.kind]).parameters if p not in ("rng", "vocab", "seq_len")]
+    allowed = task_parameters(cfg.kind)
     for name in cfg.params:
         if name not in allowed:
             raise ConfigError(f"param {name!r}: not a parameter of {cfg.kind}; allowed: {', '.join(allowed)}")

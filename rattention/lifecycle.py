@@ -279,5 +279,6 @@ def run(cfg: RunConfig, run_dir: str | Path | None = None, tracker: Tracker | No
 def first_line(err: BaseException) -> str:
     """The line that names an error; Ray wraps a worker's exception, whose last line names the original."""
     lines = [ln for ln in str(err).strip().splitlines() if ln.strip()]
-    return (lines[-1] if len(lines) > 1 and "Traceback" in str(err) else lines[0] if lines
-            else type(err).__name__)[:500]
+    if not lines:
+        return type(err).__name__
+    return (lines[-1] if "Traceback" in str(err) else lines[0])[:500]

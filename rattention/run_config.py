@@ -98,14 +98,12 @@ class EvalConfig(_Section):
     @field_validator("task_params")
     @classmethod
     def _task_params(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-        import inspect
-
-        from rattention.tasks import TASKS
+        from rattention.tasks import TASKS, task_parameters
 
         for task, params in v.items():
             if task not in TASKS:
                 raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
-            allowed = [p for p in inspect.signature(TASKS[task]).parameters if p not in ("rng", "vocab", "seq_len")]
+            allowed = task_parameters(task)
             for name in params:
                 if name not in allowed:
                     raise ValueError(f"{task}.{name}: not a parameter of {task}; allowed: {', '.join(allowed)}")

@@ -323,6 +323,13 @@ TASKS: dict[str, Callable[..., TaskSample]] = {
 }
 
 
+def task_parameters(kind: str) -> list[str]:
+    """The parameters a task takes besides the generator, vocabulary and length (``gap``, ``depth``...)."""
+    import inspect
+
+    return [p for p in inspect.signature(TASKS[kind]).parameters if p not in ("rng", "vocab", "seq_len")]
+
+
 def generate(
     kind: str, vocab: TaskVocab, seq_len: int, seed: int, start: int, stop: int, **params: Any
 ) -> Iterator[TaskSample]:

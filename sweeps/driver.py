@@ -37,6 +37,7 @@ import yaml
 
 from rattention import metrics as M
 from rattention.errors import ConfigError, RattentionError
+from rattention.lifecycle import first_line
 from rattention.run_config import flatten
 from sweeps.search import Bar, answer, next_windows, point_bound
 from sweeps.spec import SweepSpec
@@ -80,6 +81,7 @@ class Job:
     window: int | None
     seed: int
     number: int | None = None  # its Optuna trial number, once asked
+    skipped: bool = False  # not run: the trial budget ran out first
     value: float | None = None
     error: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
@@ -225,6 +227,7 @@ class Sweep:
         self.t0 = time.perf_counter()
         self.done = 0
         self.trained = 0
+        self.bound = spec.estimate()["trials"]  # trials at most, budget included
         self.parent = self._open_parent(resume)
 
     # ----- tracking ------------------------------------------------------------------------------------
@@ -273,7 +276,7 @@ class Sweep:
                 if job.number is not None:
                     return job
                 if self.over_budget():
-                    job.error = "not run: trial budget exhausted"
+                    job.skipped = True
                     continue
                 job.number = self.study.ask(job)
                 return job
@@ -347,11 +350,9 @@ class Sweep:
         try:
             out = ray.get(ref)
         except ray.exceptions.RayTaskError as err:
-            cause = err.cause if isinstance(err.cause, BaseException) else err
-            job.error = _one_line(cause)
-        except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError,
-                ray.exceptions.TaskCancelledError, ray.exceptions.RayError) as err:
-            job.error = f"the trial's worker died ({type(err).__name__}: {_one_line(err)})"
+            job.error = first_line(err.cause if isinstance(err.cause, BaseException) else err)
+        except ray.exceptions.RayError as err:  # the worker died (after Ray's retry), ran out of memory, ...
+            job.error = f"the trial's worker died ({type(err).__name__}: {first_line(err)})"
         else:
             job.info = {k: out[k] for k in ("run_id", "run_dir", "mlflow_run_id")}
             self.trained += int(out["trained"])
@@ -378,21 +379,10 @@ class Sweep:
         self.done += 1
         if not self.progress:
             return
-        left = self.remaining_bound()
         what = f"{self.metric} = {job.value:.4f}" if job.value is not None else f"FAILED: {job.error}"
         extra = f" ({how})" if how in ("recorded before", "finished before") else ""
         say(f"[{time.perf_counter() - self.t0:6.0f} s] trial {job.number} {job.label}: {what}{extra}; "
-            f"{self.done} done, at most {left} to go")
-
-    def remaining_bound(self) -> int:
-        spec = self.spec
-        if spec.mode == "pareto":
-            return max(0, spec.pareto.trials - self.done)
-        seeds = len(spec.seed_list())
-        bound = seeds + len(spec.kinds) * point_bound(len(spec.windows())) * seeds
-        if spec.budget is not None:
-            bound = min(bound, spec.budget)
-        return max(0, bound - self.done)
+            f"{self.done} done, at most {max(0, self.bound - self.done)} to go")
 
     # ----- minimal-window ------------------------------------------------------------------------------
     def baseline(self) -> Bar:
@@ -426,7 +416,7 @@ class Sweep:
             for k, ws in rounds.items():
                 for w in ws:
                     point = values[k][w]
-                    if any(j.error and j.error.startswith("not run") for j in point):
+                    if any(j.skipped for j in point):
                         exhausted = True
                         continue
                     ok = all(j.value is not None for j in point) and bar.passes([j.value for j in point])
@@ -439,7 +429,7 @@ class Sweep:
         from rattention.cache import cache_bytes
 
         failures = [f"w={j.window} seed={j.seed}: {j.error} (counted as not passing)"
-                    for jobs in values.values() for j in jobs if j.error and not j.error.startswith("not run")]
+                    for jobs in values.values() for j in jobs if j.error]
         try:
             a = answer(grid, observed)
         except ValueError:
@@ -457,19 +447,17 @@ class Sweep:
 
     # ----- pareto --------------------------------------------------------------------------------------
     def pareto(self) -> list[dict[str, Any]]:
-
         seed = self.spec.seed_list()[0]
         resumed = [t for t in self.study.trials() if t.state.name == "RUNNING"]
         queue = [Job(t.user_attrs["kind"], t.user_attrs["window"], seed, number=t.number) for t in resumed
                  if "kind" in t.user_attrs]
         finished = sum(1 for t in self.study.trials() if t.state.name in ("COMPLETE", "FAIL"))
         self.done = finished
-        total = self.spec.pareto.trials if self.spec.budget is None else min(self.spec.pareto.trials, self.spec.budget)
         launched = self.done
 
         def next_job() -> Job | None:
             nonlocal launched
-            if launched >= total:
+            if launched >= self.bound:
                 return None
             launched += 1
             return queue.pop(0) if queue else self.study.ask_sampled(seed)
@@ -685,11 +673,6 @@ def _driver_lock(folder: Path) -> Iterator[None]:
     finally:
         fcntl.flock(f, fcntl.LOCK_UN)
         f.close()
-
-
-def _one_line(err: BaseException) -> str:
-    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
-    return (lines[0] if lines else type(err).__name__)[:300]
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:

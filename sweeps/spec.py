@@ -519,9 +519,7 @@ def _check_kwargs(section: str, kwargs: dict[str, Any], allowed: list[str]) -> N
 
 
 def _check_task_params(synth: dict[str, Any]) -> None:
-    import inspect
-
-    from rattention.tasks import TASKS
+    from rattention.tasks import TASKS, task_parameters
 
     kind = synth.get("kind")
     if kind not in TASKS:
@@ -529,7 +527,7 @@ def _check_task_params(synth: dict[str, Any]) -> None:
     params = synth.get("params") or {}
     if not isinstance(params, dict):
         raise ConfigError(f"data.synth.params: expected a mapping of {kind} parameters, got {params!r}")
-    allowed = [p for p in inspect.signature(TASKS[kind]).parameters if p not in ("rng", "vocab", "seq_len")]
+    allowed = task_parameters(kind)
     for name in params:
         if name not in allowed:
             raise ConfigError(f"data.synth.params.{name}: not a parameter of {kind}; allowed: {', '.join(allowed)}")
