@@ -36,13 +36,16 @@ def test_local_torchrun_and_ray_paths_agree(train_dataset: Path, mlflow_server: 
     del cfg["model"]["nope_global"]
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    cli = [sys.executable, "-m", "rattention", "train", str(config)]
-    subprocess.run([*cli, "--no-ray", "--run-dir", str(tmp_path / "local")], cwd=ROOT, env=env, check=True,
-                   capture_output=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-                    "rattention", "train", str(config), "--no-ray", "--run-dir", str(tmp_path / "torchrun")],
-                   cwd=ROOT, env=env, check=True, capture_output=True)
+    # gloo on the loopback interface: the ranks find each other without the host's network
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "GLOO_SOCKET_IFNAME": "lo"}
+
+    def ok(cmd: list[str]) -> None:
+        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, f"{' '.join(cmd[1:4])} exited {out.returncode}: {out.stderr[-3000:]}"
+
+    ok([sys.executable, "-m", "rattention", "train", str(config), "--no-ray", "--run-dir", str(tmp_path / "local")])
+    ok([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "rattention",
+        "train", str(config), "--no-ray", "--run-dir", str(tmp_path / "torchrun")])
     from rattention.run_config import load_run_config
 
     fit(load_run_config(config), config, tmp_path / "ray", progress=False)
