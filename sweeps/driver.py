@@ -286,7 +286,7 @@ class Sweep:
 
     def _pump(self, next_job: Callable[[], Job | None]) -> None:
         """Keep up to ``parallel`` trials in flight, taking each from ``next_job`` (None: no more), until
-        all have finished; on Ctrl-C cancel them, so their lifecycles mark their runs KILLED."""
+        all have finished; on Ctrl-C mark the running ones KILLED."""
         import ray
 
         in_flight: dict[Any, Job] = {}
@@ -305,21 +305,12 @@ class Sweep:
             raise
 
     def _stop(self, in_flight: dict[Any, Job]) -> None:
-        """Cancel the running trials (each lifecycle sees KeyboardInterrupt and marks its run KILLED); kill
-        those that do not stop within 20 s, and mark what they left RUNNING KILLED from here."""
-        import ray
-
+        """Mark what the running trials leave behind (run folder, MLflow run) KILLED; their workers end with
+        this driver's job. Not ``ray.cancel``: with a reply in flight, Ray 2.60's core worker can abort the
+        driver on a failed check ("Tried to complete task that was not pending"), seen twice under load."""
         from pipelines import tracking
         from rattention import lifecycle
 
-        refs = list(in_flight)
-        for ref in refs:
-            ray.cancel(ref)
-        with contextlib.suppress(Exception):
-            _, late = ray.wait(refs, num_returns=len(refs), timeout=20)
-            for ref in late:
-                ray.cancel(ref, force=True)
-            ray.wait(late, num_returns=len(late), timeout=10)
         c = tracking.client(self.uri)
         for job in in_flight.values():
             with contextlib.suppress(Exception):

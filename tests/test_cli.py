@@ -87,8 +87,11 @@ def test_ctrl_c_is_one_line_exit_130_and_publishes_nothing(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for f in sorted(stdlib.glob("*.py"))[:200]:
-        shutil.copy(f, corpus / f.name)
+    # enough text that the job is still tokenizing when the Ctrl-C lands (200 top-level files once finished
+    # within the test's polling under CI load)
+    files = [f for f in sorted(stdlib.rglob("*.py")) if "test" not in f.parts and "site-packages" not in f.parts]
+    for i, f in enumerate(files[:800]):
+        shutil.copy(f, corpus / f"{i:04d}_{f.name}")
     out = tmp_path / "ds"
     err_path = tmp_path / "stderr.txt"
     with open(err_path, "w") as err:

@@ -208,7 +208,7 @@ def test_ctrl_c_stops_the_sweep_and_leaves_nothing_running(train_dataset: Path, 
     assert err.strip().splitlines()[-1].startswith("interrupted: sweep stopped") and "Traceback" not in err
     c = MlflowClient(mlflow_server)
     runs = c.search_runs([c.get_experiment_by_name("ctrlc").experiment_id], max_results=50)
-    deadline = time.monotonic() + 30  # the cancelled trial marks its own run
+    deadline = time.monotonic() + 30  # the driver marks the running trial KILLED as it stops
     while any(r.info.status == "RUNNING" for r in runs) and time.monotonic() < deadline:
         time.sleep(0.5)
         runs = c.search_runs([c.get_experiment_by_name("ctrlc").experiment_id], max_results=50)
