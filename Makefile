@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 HASH   := $(shell sha1sum pyproject.toml | cut -c1-12)
 STAMP  := $(VENV)/.installed-$(HASH)
 
-.PHONY: setup test demo lint bench-cpu clean
+.PHONY: setup test demo lint bench-cpu clean chromium
 
 setup: $(STAMP)
 
@@ -25,7 +25,21 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
-test: setup
+# Headless Chromium for the report's browser test (tests/dashboards), from Debian's `chromium` package.
+# Quick when it is on PATH; without root or apt-get it says so, and that test skips with the reason.
+chromium:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "chromium: not installed, and installing it needs root and apt-get; the report's browser test will skip"; \
+	else \
+	  echo "chromium: installing Debian's chromium package (once)"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null 2>&1 && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null; } || \
+	  echo "chromium: apt-get could not install it; the report's browser test will skip"; \
+	fi
+
+test: setup chromium
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
 lint: setup
