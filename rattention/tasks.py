@@ -16,6 +16,9 @@ into four marker ids and disjoint key, value and filler ranges.
   (one key, several values) and multi-query (several keys asked) are parameter settings.
 - ``passkey``: a digit passkey hidden in a repetitive haystack.
 - ``vt``: variable tracking, chains ``X1 = v; X2 = X1; ...``; the query names all variables of a chain.
+- ``copy``: a random span, then (after ``gap`` filler tokens) the same span again; the copy is the
+  answers. Every answer's evidence lies exactly ``span + gap`` tokens before the position predicting
+  it, so a stack of local layers with window ``w`` has a minimal window known by construction.
 """
 
 from __future__ import annotations
@@ -315,11 +318,46 @@ def variable_tracking(
     return b.build(seq_len, {"task": "vt", "num_chains": num_chains, "num_hops": num_hops, "depth": [lo, hi]})
 
 
+def copy(
+    rng: np.random.Generator,
+    vocab: TaskVocab,
+    seq_len: int,
+    span: int = 64,
+    gap: int = 0,
+) -> TaskSample:
+    """``[filler] COPY a_1..a_L [gap filler] COPY a_1..a_L``: repeat a random span of ``span`` tokens.
+
+    The span's ids are drawn from every non-marker id; the second copy is the answers. Answer ``a_i``'s
+    source is ``a_i`` in the first copy, and the position predicting it holds ``a_{i-1}`` (``COPY`` for
+    the first), whose earlier occurrence sits just before the source: an induction match reaching back
+    exactly ``span + gap`` tokens (``min_distance``). One local layer of window ``w >= span + gap``
+    (above a layer that marks each position with its previous token) copies; smaller windows need the
+    evidence carried further by more layers or by RAttention's linear branch.
+    """
+    if span < 1:
+        raise ConfigError(f"span: must be >= 1 token, got {span}")
+    if gap < 0:
+        raise ConfigError(f"gap: must be >= 0 filler tokens, got {gap}")
+    _need("copy", seq_len, 2 * span + gap + 2)
+    content = np.concatenate([vocab.keys, vocab.values, vocab.filler])
+    a = rng.choice(content, size=span)
+    mark = vocab.markers["needle"]
+    b = _Builder()
+    b.add(_filler(rng, vocab, seq_len - 2 * span - gap - 2, "noise"))
+    first = b.add([mark]) + 1
+    b.add(a)
+    b.add(_filler(rng, vocab, gap, "noise"))
+    b.add([mark])
+    b.answer(a, [first + i for i in range(span)])
+    return b.build(seq_len, {"task": "copy", "span": span, "gap": gap})
+
+
 TASKS: dict[str, Callable[..., TaskSample]] = {
     "mqar": mqar,
     "niah": niah,
     "passkey": passkey,
     "vt": variable_tracking,
+    "copy": copy,
 }
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rattention.errors import ConfigError
-from rattention.tasks import TaskSample, TaskVocab, generate, mqar, niah, passkey, variable_tracking
+from rattention.tasks import TaskSample, TaskVocab, copy, generate, mqar, niah, passkey, variable_tracking
 
 V = TaskVocab(512, reserved=(0,))
 
@@ -109,6 +109,33 @@ def test_variable_tracking_chain():
         assert s.tokens[src - 1] == m["assign"] and s.tokens[src + 1] == prev
         prev = s.tokens[src]
     assert s.min_distance() > 0.5 * (1024 - 36 - 7) - 10
+
+
+@pytest.mark.parametrize(("span", "gap"), [(1, 0), (32, 0), (20, 7)])
+def test_copy_repeats_the_span_at_a_known_distance(span, gap):
+    s = copy(rng(3), V, 100, span=span, gap=gap)
+    check(s, 100)
+    assert s.mask.sum() == span and s.answer_pos[-1] == 99  # the copy closes the sequence
+    # every answer's evidence is exactly span + gap tokens before the position predicting it
+    assert ((s.answer_pos - 1 - s.source_pos) == span + gap).all() and s.min_distance() == span + gap
+    mark = V.markers["needle"]
+    first, second = s.source_pos[0] - 1, s.answer_pos[0] - 1
+    assert s.tokens[first] == s.tokens[second] == mark and second - first == span + gap + 1
+    # the token before each answer occurs again just before that answer's source: the induction cue
+    assert np.array_equal(s.tokens[s.answer_pos - 1], s.tokens[s.source_pos - 1])
+    assert mark not in s.tokens[s.answer_pos]
+    with pytest.raises(ConfigError, match="seq_len"):
+        copy(rng(), V, 2 * span + gap + 1, span=span, gap=gap)
+    with pytest.raises(ConfigError, match="span"):
+        copy(rng(), V, 100, span=0)
+
+
+def test_copy_spans_differ_between_samples_and_use_the_whole_vocab():
+    samples = list(generate("copy", V, 130, seed=0, start=0, stop=200, span=64))
+    spans = np.stack([s.tokens[s.answer_pos] for s in samples])
+    assert len({r.tobytes() for r in spans}) == 200
+    used = np.unique(spans)
+    assert len(used) > 0.9 * (512 - 1 - 4)  # keys, values and filler ids, not only one range
 
 
 def test_generate_is_indexable_and_deterministic():
