@@ -1,4 +1,4 @@
-"""The command line: ``rattention data|train|eval|import-run|sweep|demo``.
+"""The command line: ``rattention data|train|eval|import-run|sweep|report|demo``.
 
 This is the one module that reaches every package (the demo composes them); nothing imports it.
 Heavy imports (ray, mlflow, optuna) happen inside the commands, so ``--help`` stays fast.
@@ -6,7 +6,9 @@ Heavy imports (ray, mlflow, optuna) happen inside the commands, so ``--help`` st
 
 from __future__ import annotations
 
+import json
 import sys
+from enum import StrEnum
 from pathlib import Path
 
 import typer
@@ -96,12 +98,14 @@ def _parse_params(items: list[str]) -> dict:
 
 @data_app.command("synth")
 def data_synth(
-    kind: str = typer.Argument(..., help="mqar | niah | passkey | vt"),
+    kind: str = typer.Argument(..., help="mqar | niah | passkey | vt | copy"),
     out: Path = typer.Option(..., "--out", "-o", help="Dataset folder to create."),
     samples: int = typer.Option(_synth_default("samples"), help="Number of task instances."),
     seq_len: int = typer.Option(_synth_default("seq_len"), help="Tokens per instance."),
     seed: int = typer.Option(_synth_default("seed"), help="Instance i depends only on (seed, i)."),
     split: str = typer.Option(_synth_default("split"), help="Split name of the shards."),
+    val_samples: int = typer.Option(_synth_default("val_samples"),
+                                    help="Also write a 'val' split of this many further instances."),
     vocab_size: int | None = typer.Option(None, help="Vocabulary size (EOS = 0), when no --like."),
     like: Path | None = typer.Option(None, help="A prepared dataset: use its tokenizer, vocab and EOS."),
     haystack: str = typer.Option(_synth_default("haystack"), help="Filler: noise | repeat | corpus (text of --like)."),
@@ -117,7 +121,8 @@ def data_synth(
     from pipelines.synth import make_config, synth
 
     cfg = make_config(
-        kind=kind, out=out, samples=samples, seq_len=seq_len, seed=seed, split=split, vocab_size=vocab_size,
+        kind=kind, out=out, samples=samples, seq_len=seq_len, seed=seed, split=split, val_samples=val_samples,
+        vocab_size=vocab_size,
         like=like, haystack=haystack, params=_parse_params(param or []), shard_tokens=shard_tokens,
         num_cpus=num_cpus, address=address, force=force,
     )
@@ -235,6 +240,29 @@ def sweep(
         raise typer.Exit(130) from None
 
 
+@app.command()
+def report(
+    sweep_ref: str = typer.Argument(..., metavar="SWEEP_RUN_OR_EXPERIMENT", help="A sweep's parent run id, or "
+                                    "an experiment name or id (its latest finished sweep)."),
+    uri: str = typer.Option(None, "--tracking-uri", help="MLflow server (default: MLFLOW_TRACKING_URI, else "
+                            "the local server over .mlflow, started for the command)."),
+    out: Path = typer.Option(None, "--out", help="Folder for the report (default: "
+                             ".rattention/reports/<sweep>-<run id>)."),
+    log: bool = typer.Option(True, "--log/--no-log", help="Log the files on the sweep's parent run (report/)."),
+) -> None:
+    """Build a finished sweep's figures (PNG and HTML), comparison table and standalone report.html; print
+    the path of report.html."""
+    from dashboards import build_report, find_sweep
+    from pipelines import tracking
+
+    if uri:
+        tracking.check_uri(uri, "--tracking-uri")
+    with tracking.tracking_uri(uri or None, ".mlflow", check=not uri) as live:  # checks MLFLOW_TRACKING_URI
+        client = tracking.client(live)
+        path = build_report(client, find_sweep(client, sweep_ref), out, log=log)
+    print(path)
+
+
 def _print_results(results: dict) -> None:
     for k, v in results.items():
         print(f"{k:<36} {v:.6g}" if isinstance(v, float) else f"{k:<36} {v}")
@@ -244,16 +272,86 @@ def _print_results(results: dict) -> None:
 # ----- demo -------------------------------------------------------------------------------------
 
 
+class Profile(StrEnum):
+    full = "full"
+    smoke = "smoke"
+
+
+DEMO_SPECS = {Profile.full: "demo.yaml", Profile.smoke: "demo-smoke.yaml"}  # in sweeps/
+
+
 @app.command()
 def demo(
-    steps: int = typer.Option(120, help="Training steps per model."),
-    window: int = typer.Option(32, help="Window of the swa and rattention models."),
-    workdir: str = typer.Option(".rattention/demo", help="Folder for the dataset, runs and MLflow."),
+    profile: Profile = typer.Option(Profile.full, help="full: the demo (about 15 min on 2 cores); smoke: the "
+                                    "same path in a few minutes, for tests."),
+    workdir: Path = typer.Option(Path("."), help="Root of the demo's dataset (data/stdlib), sweep "
+                                 "(.rattention/sweeps) and MLflow store (.mlflow)."),
 ) -> None:
-    """The whole pipeline on the stdlib corpus: tokenize, train full/SWA/RAttention on Ray, evaluate, MLflow."""
-    from pipelines.demo import run_demo
+    """The whole pipeline on the stdlib corpus: tokenize it on Ray, search the minimal window of SWA and
+    RAttention against full attention (sweeps/demo.yaml), and build the report. A second run reuses the
+    dataset and the finished trials."""
+    try:
+        _demo(profile, workdir)
+    except KeyboardInterrupt:
+        print("interrupted: the sweep's parent run is marked KILLED; the same command continues it",
+              file=sys.stderr)
+        raise typer.Exit(130) from None
 
-    run_demo(workdir, steps=steps, window=window)
+
+def _demo(profile: Profile, workdir: Path) -> None:
+    """The demo as a composition of the pipeline's parts: tokenize, sweep, report."""
+    import time
+
+    from rattention.rundir import ensure_folder
+    from sweeps.spec import load_spec
+
+    t0 = time.perf_counter()
+    work = ensure_folder(workdir, "--workdir").resolve()
+    store = work / ".mlflow"
+    spec_path = Path(__file__).resolve().parent.parent / "sweeps" / DEMO_SPECS[profile]
+    spec_args = ([f"out_dir={work / '.rattention' / 'sweeps'}"], [f"tracking.server_dir={store}"])
+    spec = load_spec(spec_path, *spec_args)  # every value checked before any work
+    data = work / "data" / "stdlib"  # where configs/demo.yaml looks: `rattention train configs/demo.yaml` works next
+
+    from pipelines import tracking
+    from pipelines.ray_utils import init_ray
+    from pipelines.tokenize import make_config, prepare
+
+    with tracking.tracking_uri(None, store) as uri:  # one server for the sweep and the report
+        print(f"[1/3] tokenizing the standard library into {data} (a Ray Data job)", flush=True)
+        init_ray()
+        how = spec.data.prepare if spec.data is not None and spec.data.prepare is not None else \
+            {"sources": ["stdlib"], "vocab_size": spec.base_config().model.vocab_size}
+        prepare(make_config(out=data, **how))
+        spec = load_spec(spec_path, [*spec_args[0], *_demo_data(spec, data)], spec_args[1])
+
+        from sweeps.driver import sweep as run_sweep
+
+        print(f"[2/3] sweep {spec_path.relative_to(Path.cwd()) if spec_path.is_relative_to(Path.cwd()) else spec_path}"
+              f" (trials already finished are reused)", flush=True)
+        summary = run_sweep(spec, resume=True)
+
+        from dashboards import build_report
+
+        print("[3/3] building the report", flush=True)
+        report = build_report(uri, summary["parent_run_id"], Path(summary["folder"]) / "report")
+
+    from pipelines.ui import browse_command
+
+    print(f"\ndemo ({profile.value}) done in {time.perf_counter() - t0:.0f} s")
+    print(f"report: {report}   (a standalone page: open it in a browser)")
+    print(f"browse the runs and their artifacts in MLflow: {browse_command(store)}")
+    print("train one more run on the same data: rattention train configs/demo.yaml model.window=64"
+          + ("" if work == Path.cwd().resolve() else f" data.path={data}"))
+
+
+def _demo_data(spec, data: Path) -> list[str]:
+    """Spec overrides that point the sweep at the dataset the demo tokenized (instead of its own copy)."""
+    if spec.data is None or spec.data.prepare is not None:
+        return [f"data={{path: {json.dumps(str(data))}}}"]
+    if spec.data.synth is not None and "like" in spec.data.synth:
+        return [f"data.synth.like={json.dumps(str(data))}"]
+    return []
 
 
 def main(argv: list[str] | None = None) -> None:

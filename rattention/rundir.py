@@ -178,3 +178,20 @@ def _read_json(path: Path, default: Any) -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError:
         raise DataError(f"{path}: not valid JSON") from None
+
+
+def ensure_folder(path: str | Path, field: str) -> Path:
+    """``path`` as a folder, made (with its parents) when missing; one ConfigError line naming ``field``
+    when it is a file, lies under one, or cannot be made."""
+    from rattention.errors import ConfigError
+
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise ConfigError(f"{field}: {p} is a file, not a folder; choose another") from None
+    except NotADirectoryError:
+        raise ConfigError(f"{field}: {p} lies under a file, not a folder; choose another") from None
+    except OSError as err:
+        raise ConfigError(f"{field}: cannot create {p} ({err.strerror or err})") from None
+    return p

@@ -538,6 +538,7 @@ def sweep(spec: SweepSpec, address: str | None = None, resume: bool = False, dry
             else:
                 bar, answers = sw.minimal_window()
                 summary = summarise(sw, bar, answers)
+            summary.update(parent_run_id=sw.parent, experiment=spec.name, folder=str(folder))
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"

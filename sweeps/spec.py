@@ -412,9 +412,11 @@ class SweepSpec(_Spec):
 
 # ----- loading ---------------------------------------------------------------------------------------
 
-def load_spec(path: str | Path, overrides: list[str] | None = None) -> SweepSpec:
+def load_spec(path: str | Path, overrides: list[str] | None = None,
+              base_overrides: list[str] | None = None) -> SweepSpec:
     """Read a sweep spec YAML, apply dotted ``key=value`` overrides to it, resolve ``base`` against the
-    spec file's folder, and validate everything (base config included); one ConfigError line if bad."""
+    spec file's folder, and validate everything (base config included); one ConfigError line if bad.
+    ``base_overrides`` are appended to the spec's own ``overrides`` of the base run config."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: sweep spec not found")
@@ -434,6 +436,8 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> SweepSpec
         raise ConfigError(f"{p}: expected a mapping of spec fields ({', '.join(SweepSpec.model_fields)}), "
                           f"got {type(data).__name__}")
     data = _apply_spec_overrides(data, overrides or [])
+    if base_overrides:
+        data["overrides"] = [*(data.get("overrides") or []), *base_overrides]
     base = data.get("base")
     if isinstance(base, str) and not Path(base).is_absolute():
         data["base"] = os.path.normpath(p.parent / base)

@@ -39,7 +39,7 @@ def test_console_script_is_installed():
     (["train"], "error: Missing argument 'config'. Try 'rattention train --help'."),
     (["data", "synth"], "error: Missing argument 'kind'. Try 'rattention data synth --help'."),
     (["data", "prepare", "--bogus"], "error: No such option: --bogus"),
-    (["demo", "--steps", "abc"], "error: Invalid value for '--steps': "),
+    (["demo", "--profile", "bogus"], "error: Invalid value for '--profile': "),
     (["train", str(TINY), "train.lr=-1"], "error: train.lr: Input should be greater than 0, got -1"),
     (["train", "nope.yaml"], "error: nope.yaml: config file not found"),
     (["train", str(TINY), "lr=3"], "error: override 'lr=3': expected section.field=value, e.g. train.lr=3e-4"),
