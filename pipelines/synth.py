@@ -1,8 +1,10 @@
 """Ray job: write a synthetic long-context task as a dataset (``rattention data synth KIND``).
 
 Same folder layout and shards as ``pipelines.tokenize``, one sample per task instance, plus
-``mask.npy`` (uint8, 1 at answer tokens). The generation itself is ``rattention.tasks`` (pure numpy,
-reused by evaluation); Ray Data runs it over sample-index ranges, and the driver writes the shards.
+``mask.npy`` (uint8, 1 at answer tokens). ``val_samples`` adds a ``val`` split of further instances
+(indices after the main split's), so that a run can train on the task and validate on held-out ones.
+The generation itself is ``rattention.tasks`` (pure numpy, reused by evaluation); Ray Data runs it over
+sample-index ranges, and the driver writes the shards.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class SynthConfig(BaseModel):
     seq_len: int = Field(1024, gt=0)
     seed: int = 0
     split: str = "test"
+    val_samples: int = Field(0, ge=0)  # also a "val" split of this many instances (indices samples..)
     vocab_size: int | None = Field(None, gt=0)
     like: Path | None = None  # a prepared dataset: its tokenizer, vocab and EOS (and haystack text)
     haystack: str = "noise"  # noise | repeat | corpus (text from `like`)
@@ -69,6 +72,8 @@ def make_config(**kwargs: Any) -> SynthConfig:
         raise ConfigError("haystack: 'corpus' needs --like DATASET to take the text from")
     if cfg.like is None and cfg.vocab_size is None:
         raise ConfigError("vocab_size: give --vocab-size or --like DATASET")
+    if cfg.val_samples and cfg.split == "val":
+        raise ConfigError("val_samples: the main split is already named 'val'; name it otherwise (e.g. train)")
     return cfg
 
 
@@ -137,10 +142,13 @@ def synth(cfg: SynthConfig, log: Any = print) -> dict[str, Any]:
         old_order = ctx.execution_options.preserve_order
         ctx.execution_options.preserve_order = True
         dtype = token_dtype(int(vocab_size))
-        writer = SplitWriter(tmp, cfg.split, cfg.shard_tokens)
+        writers = {cfg.split: SplitWriter(tmp, cfg.split, cfg.shard_tokens)}
+        if cfg.val_samples:
+            writers["val"] = SplitWriter(tmp, "val", cfg.shard_tokens)
+        total = cfg.samples + cfg.val_samples
         answer_tokens = 0
         try:
-            ds = ray.data.range(cfg.samples, override_num_blocks=min(cfg.samples, 8 * n_tasks)).map_batches(
+            ds = ray.data.range(total, override_num_blocks=min(total, 8 * n_tasks)).map_batches(
                 _gen_batch,
                 fn_kwargs={"kind": cfg.kind, "vocab": vocab, "seq_len": cfg.seq_len, "seed": cfg.seed,
                            "params": params},
@@ -153,12 +161,14 @@ def synth(cfg: SynthConfig, log: Any = print) -> dict[str, Any]:
                     toks = np.frombuffer(raw, dtype=dtype)
                     mask = np.frombuffer(mraw, dtype=np.uint8)
                     answer_tokens += int(mask.sum())
+                    writer = writers[cfg.split if int(i) < cfg.samples else "val"]
                     writer.write(f"{cfg.kind}{int(i):09d}", {"tokens": toks, "mask": mask}, len(toks))
         finally:
             ctx.execution_options.preserve_order = old_order
-        split = writer.finish()
-        if split["documents"] != cfg.samples:
-            raise DataError(f"{cfg.out}: wrote {split['documents']} of {cfg.samples} samples")
+        splits = {name: w.finish() for name, w in writers.items()}
+        for name, want in ((cfg.split, cfg.samples), ("val", cfg.val_samples)):
+            if name in splits and splits[name]["documents"] != want:
+                raise DataError(f"{cfg.out}: wrote {splits[name]['documents']} of {want} {name} samples")
         manifest = {
             "format_version": FORMAT_VERSION,
             "kind": "synthetic",
@@ -174,9 +184,9 @@ def synth(cfg: SynthConfig, log: Any = print) -> dict[str, Any]:
             "seq_len": cfg.seq_len,
             "sample_fields": {"tokens.npy": f"{dtype.name} token ids, exactly seq_len of them",
                               "mask.npy": MASK_DOC},
-            "splits": {cfg.split: split},
-            "counts": {"documents": split["documents"], "tokens": split["tokens"],
-                       "answer_tokens": answer_tokens},
+            "splits": splits,
+            "counts": {"documents": sum(p["documents"] for p in splits.values()),
+                       "tokens": sum(p["tokens"] for p in splits.values()), "answer_tokens": answer_tokens},
             "config": content,
             "fingerprint": fingerprint,
         }
@@ -185,6 +195,7 @@ def synth(cfg: SynthConfig, log: Any = print) -> dict[str, Any]:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     secs = time.perf_counter() - t0
-    log(f"synthesised {cfg.out}: {cfg.samples} {cfg.kind} samples of {cfg.seq_len} tokens, "
-        f"{len(split['shards'])} shards, {secs:.1f} s")
+    val = f" (+{cfg.val_samples} in val)" if cfg.val_samples else ""
+    log(f"synthesised {cfg.out}: {cfg.samples}{val} {cfg.kind} samples of {cfg.seq_len} tokens, "
+        f"{sum(len(p['shards']) for p in splits.values())} shards, {secs:.1f} s")
     return manifest

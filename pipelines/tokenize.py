@@ -17,6 +17,7 @@ Usable as ``ray job submit -- python -m rattention data prepare --out DIR ...``.
 from __future__ import annotations
 
 import codecs
+import errno
 import glob
 import hashlib
 import io
@@ -45,6 +46,8 @@ TEXT_SUFFIXES = (".txt", ".md", ".py")
 ALL_SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet")
 STDLIB_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
 SPLITS = ("train", "val")
+# OSErrors of a disk that refused a write: full, over quota, read-only, no permission
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 JSONL_CHUNK = 8 << 20  # bytes of a jsonl file per work item
 # Work blocks. Each block is one run of work items (see ``bundles``) and one actor call. A block
 # costs Ray Data a round trip (10-160 ms measured on 2 cores), so a small corpus gets few:
@@ -510,6 +513,11 @@ def check_existing(out: Path, fingerprint: str, force: bool, log: Any = print) -
     if missing:
         log(f"{out / missing[0]}: shard listed in the manifest is missing, rebuilding")
         return None
+    resized = [s["file"] for sp in manifest.get("splits", {}).values() for s in sp["shards"]
+               if "bytes" in s and (out / s["file"]).stat().st_size != s["bytes"]]
+    if resized:
+        log(f"{out / resized[0]}: shard is not the size the manifest records (truncated?), rebuilding")
+        return None
     return manifest
 
 
@@ -532,7 +540,10 @@ def temp_folder(out: Path) -> Path:
     It holds an ``.owner`` file (host and pid); temp folders of ``out`` left by a killed run on
     this host are removed here.
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"{err.filename or out.parent}: cannot create the dataset's folder ({err.strerror})") from None
     host = socket.gethostname()
     for stale in out.parent.glob(f".{out.name}.tmp-*"):
         owner = stale / ".owner"
@@ -543,8 +554,12 @@ def temp_folder(out: Path) -> Path:
         if o_host == host and not _alive(int(o_pid)):
             shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    (tmp / ".owner").write_text(f"{host}:{os.getpid()}")
+    try:
+        tmp.mkdir()
+        (tmp / ".owner").write_text(f"{host}:{os.getpid()}")
+    except OSError as err:  # a read-only or full disk, or no permission: before any tokenizing
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"{out.parent}: cannot write the dataset here ({err.strerror})") from None
     return tmp
 
 
@@ -618,10 +633,20 @@ def _build(
         manifest.update(source=source, config=cfg.content_fields(), fingerprint=fingerprint)
         write_manifest(tmp, manifest)
         publish(tmp, cfg.out)
+    except OSError as err:  # the disk filled up or refused a write: the temp folder goes, nothing is published
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        raise DataError(f"{cfg.out}: cannot write the dataset ({err.strerror}"
+                        f"{f': {err.filename}' if err.filename else ''}); nothing was published") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     secs = time.perf_counter() - t0
     c = manifest["counts"]
+    for name, split in manifest["splits"].items():
+        if split["documents"] == 0:  # a corpus too small for the split: said, never silent
+            log(f"warning: {cfg.out}: split {name!r} is empty (none of the {c['documents']} documents fell in "
+                f"it at val_fraction {cfg.val_fraction}); a run that trains or evaluates on it is refused; use "
+                f"more documents or another --val-fraction")
     n_shards = sum(len(s["shards"]) for s in manifest["splits"].values())
     log(
         f"prepared {cfg.out}: {c['documents']} documents, {c['tokens']} tokens, {n_shards} shards, "

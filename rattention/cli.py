@@ -92,7 +92,10 @@ def _parse_params(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--param {item!r}: expected KEY=VALUE, e.g. gap=512 or depth=[0.1,0.5]")
-        params[key] = yaml.safe_load(value)
+        try:
+            params[key] = yaml.safe_load(value)
+        except yaml.YAMLError:  # a bad value, or a tag such as !!python/object (safe_load builds no objects)
+            raise ConfigError(f"--param {item!r}: the value is not a plain YAML value") from None
     return params
 
 

@@ -78,7 +78,9 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
 
 
 def shard_paths(path: str | Path, split: str, verify: bool = False) -> list[Path]:
-    """The shard files of ``split``, in manifest order; each must exist (and match its sha256)."""
+    """The shard files of ``split``, in manifest order. Each must exist and have the manifest's size
+    (a cheap stat that catches a truncated shard); with ``verify``, each is read once against its
+    sha256 and its token ids checked (``verify_shard``)."""
     manifest = read_manifest(path)
     splits = manifest.get("splits", {})
     if split not in splits:
@@ -88,12 +90,117 @@ def shard_paths(path: str | Path, split: str, verify: bool = False) -> list[Path
         p = Path(path) / shard["file"]
         if not p.is_file():
             raise DataError(f"{p}: shard listed in the manifest is missing")
-        if verify and sha256_file(p) != shard["sha256"]:
-            raise DataError(f"{p}: corrupt shard, sha256 differs from the manifest")
+        size = p.stat().st_size
+        if "bytes" in shard and size != shard["bytes"]:
+            raise DataError(f"{p}: corrupt shard, {size} bytes where the manifest says {shard['bytes']} "
+                            f"({'truncated' if size < shard['bytes'] else 'grown'})")
+        if verify:
+            verify_shard(p, shard, manifest.get("vocab_size"))
         out.append(p)
     if not out:
-        raise DataError(f"{Path(path) / MANIFEST}: split {split!r} has no shards")
+        raise DataError(f"{Path(path) / MANIFEST}: split {split!r} has no documents (no shards); the corpus "
+                        f"was too small for it: rebuild the dataset with more documents")
     return out
+
+
+class _HashingReader:
+    """A binary file read through sha256: ``tarfile`` streams the shard, and the digest covers every byte."""
+
+    def __init__(self, f: Any):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        block = self.f.read(n)
+        self.sha.update(block)
+        return block
+
+
+def verify_shard(p: Path, entry: dict[str, Any], vocab_size: int | None) -> None:
+    """Read one shard once: its sha256 must be the manifest's, it must parse as a tar of ``.npy``
+    samples, and every ``tokens.npy`` must hold integer ids below ``vocab_size``. DataError naming it."""
+    import tarfile
+
+    if not entry.get("sha256"):
+        raise DataError(f"{p}: the manifest lists no sha256 for this shard; set data.verify_checksums=false "
+                        f"to train without checking it")
+    unreadable = beyond = None
+    with open(p, "rb") as f:
+        reader = _HashingReader(f)
+        try:
+            with tarfile.open(fileobj=reader, mode="r|") as tf:  # type: ignore[call-overload]
+                for m in tf:
+                    if beyond is None and m.name.endswith(".tokens.npy"):
+                        toks = _npy(tf.extractfile(m).read())  # type: ignore[union-attr]
+                        if toks.dtype.kind not in "ui":
+                            beyond = f"document {m.name.split('.')[0]!r} holds {toks.dtype} values, not token ids"
+                        elif toks.size:
+                            lo, hi = int(toks.min()), int(toks.max())
+                            if lo < 0 or (vocab_size is not None and hi >= vocab_size):
+                                beyond = (f"document {m.name.split('.')[0]!r} holds token id {lo if lo < 0 else hi}"
+                                          f", outside the manifest's vocab_size {vocab_size}")
+        except Exception as err:  # noqa: BLE001 - whatever a damaged tar or .npy raises, the file is corrupt
+            unreadable = f"{type(err).__name__}: {err}"
+        while reader.read(1 << 20):  # the tar's end padding: the digest covers the whole file
+            pass
+    if reader.sha.hexdigest() != entry["sha256"]:
+        raise DataError(f"{p}: corrupt shard, sha256 differs from the manifest")
+    if unreadable:
+        raise DataError(f"{p}: corrupt shard, cannot be read ({unreadable})")
+    if beyond:
+        raise DataError(f"{p}: {beyond}")
+
+
+def tokenizer_vocab(tokenizer_json: dict[str, Any]) -> tuple[int | None, dict[str, int]]:
+    """(vocab size, id of every added token) of a Hugging Face ``tokenizer.json``, read as plain JSON
+    (no ``tokenizers`` import); the size is None when the file holds no vocabulary."""
+    model = tokenizer_json.get("model") if isinstance(tokenizer_json, dict) else None
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    if isinstance(vocab, list):  # Unigram: [piece, score] pairs, the id is the position
+        vocab = {str(entry[0]): i for i, entry in enumerate(vocab)}
+    if not isinstance(vocab, dict) or not vocab:
+        return None, {}
+    ids = {str(k): int(v) for k, v in vocab.items()}
+    ids.update({t["content"]: int(t["id"]) for t in tokenizer_json.get("added_tokens") or []
+                if isinstance(t, dict) and "content" in t and "id" in t})
+    return max(ids.values()) + 1, ids
+
+
+def check_tokenizer(path: str | Path, manifest: dict[str, Any] | None = None) -> None:
+    """The dataset's tokenizer file must be the one its tokens were made with: the manifest's sha256,
+    and (when the file holds a vocabulary) its vocab size and EOS id. DataError naming the file."""
+    manifest = manifest if manifest is not None else read_manifest(path)
+    declared = manifest.get("tokenizer")
+    if not declared:
+        return  # a synthetic dataset over bare ids has no tokenizer
+    tpath = Path(path) / declared.get("file", "tokenizer.json")
+    if not tpath.is_file():
+        raise DataError(f"{tpath}: tokenizer listed in the manifest is missing")
+    if declared.get("sha256") and sha256_file(tpath) != declared["sha256"]:
+        raise DataError(f"{tpath}: does not match the manifest (sha256 differs): the tokens were made with "
+                        f"another tokenizer; put the dataset's own tokenizer.json back or rebuild the dataset")
+    try:
+        size, ids = tokenizer_vocab(json.loads(tpath.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError, KeyError) as err:
+        raise DataError(f"{tpath}: not a tokenizers JSON file ({type(err).__name__})") from None
+    vocab = manifest.get("vocab_size")
+    if size is not None and vocab is not None and size != int(vocab):
+        raise DataError(f"{tpath}: a vocabulary of {size} tokens, where the manifest says vocab_size {vocab}")
+    eos_token, eos_id = manifest.get("eos_token"), manifest.get("eos_id")
+    if size is not None and eos_token is not None and eos_id is not None and ids.get(eos_token) != int(eos_id):
+        raise DataError(f"{tpath}: EOS token {eos_token!r} has id {ids.get(eos_token)}, where the manifest "
+                        f"says eos_id {eos_id}")
+
+
+def verify_dataset(path: str | Path, splits: list[str], checksums: bool = True) -> dict[str, Any]:
+    """Check a dataset before training on it, and return its manifest. Always: the manifest, the tokenizer
+    (``check_tokenizer``), and that every shard of ``splits`` exists with its recorded size. With
+    ``checksums`` (``data.verify_checksums``, the default), every shard is also read once: its sha256,
+    its samples and its token ids (``verify_shard``). A fault raises DataError naming the file."""
+    manifest = read_manifest(path)
+    check_tokenizer(path, manifest)
+    for split in splits:
+        shard_paths(path, split, verify=checksums)
+    return manifest
 
 
 def loader_for(cfg: Any, split: str, rank: int = 0, world: int = 1, infinite: bool | None = None) -> PackedLoader:
@@ -198,6 +305,7 @@ class PackedLoader:
         self.manifest = read_manifest(path)
         self.shards = shard_paths(path, split, verify)
         self.eos_id = int(self.manifest["eos_id"])
+        self.vocab_size = self.manifest.get("vocab_size")  # every id is checked below it as documents are read
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.shuffle_buffer = shuffle_buffer

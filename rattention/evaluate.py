@@ -5,8 +5,9 @@
 - Copy at distance: a held-out text span A, filler, then A again, with A's second copy starting
   ``d`` tokens after its first; the loss on the second copy (its first token excluded, it cannot be
   known) at distances below and above the window.
-- Synthetic tasks (``rattention.tasks``) at the training length and multiples of it: answer accuracy,
-  scored where the evidence lies outside the window.
+- Synthetic tasks (``rattention.tasks``) at the training length and multiples of it: answer accuracy
+  and the mean loss on the answer tokens, scored where the evidence lies outside the window (or on
+  every answer, with fixed ``eval.task_params``).
 - Efficiency: parameters, training and decoding tokens/s, peak memory, decoding-cache bytes at
   {T, 4T, 32768} from ``rattention.cache.cache_bytes``, and MFU on GPU.
 
@@ -123,25 +124,39 @@ def _task_params(task: str, window: int) -> dict[str, Any]:
 
 
 @torch.no_grad()
+def task_scores(model: Model, tokens: torch.Tensor, answer_pos: list[np.ndarray],
+                device: torch.device | str = "cpu", batch_size: int = 16) -> tuple[float, float]:
+    """Accuracy (greedy, teacher forced) and mean loss in nats over the answer tokens of ``tokens``'s rows;
+    row b's answers sit at ``answer_pos[b]``, each predicted from the tokens before it."""
+    hit = n = 0
+    loss = 0.0
+    for lo in range(0, len(tokens), batch_size):
+        chunk = tokens[lo : lo + batch_size].to(device)
+        logits = model(chunk[:, :-1]).float()
+        for b, pos in enumerate(answer_pos[lo : lo + batch_size]):
+            p = torch.as_tensor(pos, device=chunk.device) - 1
+            at, want = logits[b, p], chunk[b, p + 1]
+            hit += int((at.argmax(-1) == want).sum())
+            loss += float(F.cross_entropy(at, want, reduction="sum"))
+            n += len(pos)
+    return hit / max(1, n), loss / max(1, n)
+
+
 def task_accuracy(model: Model, tokens: torch.Tensor, answer_pos: list[np.ndarray],
                   device: torch.device | str = "cpu") -> float:
     """Fraction of answer tokens the model predicts exactly (greedy, teacher forced)."""
-    tokens = tokens.to(device)
-    pred = model(tokens[:, :-1]).argmax(-1)
-    hit = n = 0
-    for b, pos in enumerate(answer_pos):
-        p = torch.as_tensor(pos, device=tokens.device)
-        hit += int((pred[b, p - 1] == tokens[b, p]).sum())
-        n += len(pos)
-    return hit / max(1, n)
+    return task_scores(model, tokens, answer_pos, device)[0]
 
 
-def task_metrics(model: Model, cfg: RunConfig, eos_id: int, device: torch.device | str = "cpu") -> dict[str, float]:
-    """Accuracy on each configured task at each configured multiple of the training length."""
+def task_metrics(model: Model, cfg: RunConfig, eos_id: int, device: torch.device | str = "cpu",
+                 vocab_size: int | None = None) -> dict[str, float]:
+    """Accuracy and answer loss on each configured task at each configured multiple of the training length,
+    with token ids from ``vocab_size`` (the dataset's, so that a model trained on a task sees its ids;
+    default the model's vocabulary)."""
     from rattention import tasks
 
     out: dict[str, float] = {}
-    vocab = tasks.TaskVocab(cfg.model.vocab_size, reserved=(eos_id,))
+    vocab = tasks.TaskVocab(vocab_size or cfg.model.vocab_size, reserved=(eos_id,))
     w = cfg.model.window
     for task in cfg.eval.tasks:
         fixed = cfg.eval.task_params.get(task)
@@ -154,7 +169,8 @@ def task_metrics(model: Model, cfg: RunConfig, eos_id: int, device: torch.device
                 far = s.answer_pos[(s.answer_pos - 1 - s.source_pos) > w]
                 scored.append(s.answer_pos if fixed is not None or not len(far) else far)
             toks = torch.from_numpy(np.stack([s.tokens for s in samples])).long()
-            out[M.task_accuracy(task, length)] = task_accuracy(model, toks, scored, device)
+            acc, loss = task_scores(model, toks, scored, device)
+            out[M.task_accuracy(task, length)], out[M.task_loss(task, length)] = acc, loss
     return out
 
 
@@ -248,8 +264,8 @@ def evaluate(model: LM, cfg: RunConfig, train_tokens_per_s: float | None = None,
             seqs = copy_sequences(stream, d, cfg.eval.copy_span, cfg.eval.copy_samples)
             out[M.copy_loss(d)] = copy_loss(fwd, seqs, d, device)
         if cfg.eval.tasks:
-            eos = int(read_manifest(cfg.data.path)["eos_id"])
-            out.update(task_metrics(fwd, cfg, eos, device))
+            manifest = read_manifest(cfg.data.path)
+            out.update(task_metrics(fwd, cfg, int(manifest["eos_id"]), device, manifest.get("vocab_size")))
         out.update(efficiency(cfg, model, device, train_tokens_per_s, train_peak_memory))
     finally:
         model.train(was_training)

@@ -15,6 +15,7 @@ tracker (MLflow, in ``pipelines.tracking``) is injected, so this module needs ne
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -24,8 +25,8 @@ from typing import Any, Protocol
 
 from rattention import metrics as M
 from rattention.checkpoint import Checkpointer, LocalCheckpointer
-from rattention.data import dataset_fingerprint
-from rattention.errors import ConfigError
+from rattention.data import dataset_fingerprint, read_manifest, verify_dataset
+from rattention.errors import ConfigError, DataError
 from rattention.faults import Faults
 from rattention.logger import Sink
 from rattention.run_config import RayConfig, RunConfig, parse_run_config
@@ -33,11 +34,14 @@ from rattention.rundir import RunDir
 from rattention.runtime import barrier, broadcast, init_distributed, pick_device, rank_world, say
 
 _ROOT = Path(__file__).resolve().parent.parent
+# OSErrors that mean the disk refused a write (full, read-only, no permission): one line naming the path
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
+               errno.EFBIG}
 CODE_PACKAGES = ("kernels", "rattention")  # the code that decides what a run computes
 
 # Fields that do not change what a run computes: where it is kept, tracked, scheduled and logged.
 _NOT_IDENTITY = {
-    "data": ("path",),  # the dataset's fingerprint stands for it
+    "data": ("path", "verify_checksums"),  # the dataset's fingerprint stands for the path
     "train": ("out_dir", "run_name", "log_every", "checkpoint_every", "keep_checkpoints"),
     "tracking": ("uri", "experiment", "server_dir", "system_metrics"),
     "ray": tuple(RayConfig.model_fields),  # how many processes train is the identity's ``world``
@@ -190,6 +194,21 @@ def train_and_evaluate(handle: RunHandle, checkpointer: Checkpointer | None = No
     return results, result.stopped_early
 
 
+def check_data(cfg: RunConfig) -> None:
+    """The run's dataset, checked before any compute (``rattention.data.verify_dataset``): the splits it
+    trains and evaluates on hold documents, its tokenizer matches its manifest, and every shard is whole
+    (read once against its sha256, token ids checked, unless ``data.verify_checksums`` is false)."""
+    splits = [cfg.data.train_split]
+    if cfg.eval.enabled and cfg.data.val_split != cfg.data.train_split:
+        held = read_manifest(cfg.data.path).get("splits", {}).get(cfg.data.val_split) or {}
+        if not held.get("shards"):
+            raise ConfigError(f"eval.enabled: the run evaluates on split {cfg.data.val_split!r} of {cfg.data.path}, "
+                              f"which has no documents; set eval.enabled=false or another data.val_split, or "
+                              f"rebuild the dataset with more documents or a larger --val-fraction")
+        splits.append(cfg.data.val_split)
+    verify_dataset(cfg.data.path, splits, checksums=cfg.data.verify_checksums)
+
+
 @dataclass
 class Opened:
     handle: RunHandle
@@ -214,6 +233,7 @@ def open_run(cfg: RunConfig, run_dir: str | Path | None, tracker: Tracker | None
         stale = rd.meta().get("mlflow_run_id")
         if tracker is not None and stale and rd.meta().get("tracking_uri") == tracker.uri:
             tracker.close_stale(stale)  # the process that owned it died, or was interrupted
+    check_data(cfg)  # before the folder and the tracker run: a bad shard or tokenizer is one line, no run
     all_tags = {**run_tags(cfg, dataset), M.TAG_RUN_ID: run_id, M.TAG_RUN_DIR: str(rd.path.resolve()),
                 **(tags or {})}
     rd.create(cfg, all_tags, run_id)
@@ -228,7 +248,10 @@ def open_run(cfg: RunConfig, run_dir: str | Path | None, tracker: Tracker | None
 def close_run(handle: RunHandle, status: str, error: str | None = None, step: int | None = None) -> None:
     """Set the folder's status and end the tracker run (a preempted run stays RUNNING in its folder)."""
     rd = RunDir(handle.run_dir)
-    rd.set_status(status, step=step, error=error)
+    try:
+        rd.set_status(status, step=step, error=error)
+    except OSError as err:  # a full or read-only disk: the folder keeps its last status, which claims nothing
+        say(f"warning: {rd.path}: cannot record the status {status} ({err.strerror or err})")
     if handle.tracker is not None and handle.tracker_run:
         handle.tracker.log_files(handle.tracker_run, [rd.metrics_path, rd.results_path])
         handle.tracker.end(handle.tracker_run, status if status != "RUNNING" else "KILLED")
@@ -245,7 +268,13 @@ def run(cfg: RunConfig, run_dir: str | Path | None = None, tracker: Tracker | No
     backend = backend or InProcess()
     backend.prepare(cfg)  # e.g. join the Ray cluster: a dead address fails before anything is created
     rank, _ = rank_world()
-    opened = open_run(cfg, run_dir, tracker, tags, backend.world_size(cfg)) if rank == 0 else None
+    try:
+        opened = open_run(cfg, run_dir, tracker, tags, backend.world_size(cfg)) if rank == 0 else None
+    except OSError as err:
+        failure = disk_error(err, run_dir or cfg.train.out_dir)
+        if failure is err:
+            raise
+        raise failure from None
     opened = broadcast(opened)
     assert isinstance(opened, Opened)
     handle = opened.handle
@@ -268,12 +297,26 @@ def run(cfg: RunConfig, run_dir: str | Path | None = None, tracker: Tracker | No
     except KeyboardInterrupt:
         status, error = "KILLED", "interrupted"
         raise
+    except OSError as err:
+        failure = disk_error(err, handle.run_dir)
+        error = first_line(failure)
+        if failure is err:
+            raise
+        raise failure from None
     except Exception as err:
         error = first_line(err)
         raise
     finally:
         if rank == 0:
             close_run(handle, status, error, step)
+
+
+def disk_error(err: OSError, where: str | Path) -> Exception:
+    """A disk that refused a write (full, read-only, not writable) as one DataError line naming the path;
+    any other OSError (a network error, say) as it is."""
+    if err.errno in DISK_ERRNOS:
+        return DataError(f"{err.filename or where}: {err.strerror}")
+    return err
 
 
 def first_line(err: BaseException) -> str:

@@ -38,6 +38,12 @@ def task_accuracy(task: str, length: int) -> str:
     return f"eval/{task}_acc_len{length}"
 
 
+def task_loss(task: str, length: int) -> str:
+    """Mean loss in nats on the answer tokens of a synthetic task at a given sequence length: the
+    continuous counterpart of ``task_accuracy`` (it moves before the accuracy does)."""
+    return f"eval/{task}_loss_len{length}"
+
+
 # ----- evaluation: efficiency -------------------------------------------------------------------
 PARAMS = "eff/params"
 PARAMS_NON_EMBEDDING = "eff/params_non_embedding"
@@ -81,10 +87,11 @@ _PATTERNS = (
     ("val_loss_bucket", re.compile(r"^eval/val_loss_pos_(\d+)_(\d+|end)$")),
     ("copy_loss", re.compile(r"^eval/copy_loss_d(\d+)$")),
     ("task_accuracy", re.compile(r"^eval/([a-z][a-z0-9]*)_acc_len(\d+)$")),
+    ("task_loss", re.compile(r"^eval/([a-z][a-z0-9]*)_loss_len(\d+)$")),
     ("cache_bytes", re.compile(r"^eff/cache_bytes_ctx(\d+)$")),
 )
 _PATTERN_DOC = ("eval/val_loss_pos_{lo}_{hi}", "eval/val_loss_pos_{lo}_end", "eval/copy_loss_d{d}",
-                "eval/{task}_acc_len{L}", "eff/cache_bytes_ctx{L}")
+                "eval/{task}_acc_len{L}", "eval/{task}_loss_len{L}", "eff/cache_bytes_ctx{L}")
 
 
 def _fixed() -> dict[str, str]:
@@ -122,9 +129,10 @@ def parse_metric(name: str) -> dict | None:
         if family == "copy_loss":
             d = int(m.group(1))
             return {"family": family, "name": name, "distance": d} if d > 0 and copy_loss(d) == name else None
-        if family == "task_accuracy":
+        if family in ("task_accuracy", "task_loss"):
             task, length = m.group(1), int(m.group(2))
-            ok = task in _tasks() and length > 0 and task_accuracy(task, length) == name
+            make = task_accuracy if family == "task_accuracy" else task_loss
+            ok = task in _tasks() and length > 0 and make(task, length) == name
             return {"family": family, "name": name, "task": task, "length": length} if ok else None
         ctx = int(m.group(1))
         return {"family": family, "name": name, "context": ctx} if ctx > 0 and cache_bytes_at(ctx) == name else None
@@ -155,7 +163,7 @@ def suggest(name: str) -> str | None:
     for n in nums:
         if n > 0:
             pool += [copy_loss(n), val_loss_bucket(n, None), cache_bytes_at(n)]
-            pool += [task_accuracy(t, n) for t in _tasks()]
+            pool += [f(t, n) for t in _tasks() for f in (task_accuracy, task_loss)]
     pool += [val_loss_bucket(a, b) for a in nums for b in nums if b > a]
     close = difflib.get_close_matches(name, pool, n=1, cutoff=0.75)
     return close[0] if close else None
@@ -179,7 +187,8 @@ def _produced(eval_cfg: Any, seq_len: int) -> set[str]:
     edges = [b for b in eval_cfg.buckets if b < seq_len]
     out |= {val_loss_bucket(lo, edges[i + 1] if i + 1 < len(edges) else None) for i, lo in enumerate(edges)}
     out |= {copy_loss(d) for d in eval_cfg.copy_distances or []}
-    out |= {task_accuracy(t, m * seq_len) for t in eval_cfg.tasks for m in eval_cfg.task_lengths}
+    out |= {f(t, m * seq_len) for t in eval_cfg.tasks for m in eval_cfg.task_lengths
+            for f in (task_accuracy, task_loss)}
     out |= {cache_bytes_at(c) for c in (seq_len, 4 * seq_len, 32768)}
     if eval_cfg.decode_tokens > 0:
         out.add(DECODE_THROUGHPUT)
@@ -214,7 +223,7 @@ def produced_by(name: str, eval_cfg: Any, seq_len: int) -> tuple[bool, str]:
             return False, (f"eval.copy_distances is unset, so distances follow each run's window; "
                            f"set eval.copy_distances=[{info['distance']}]")
         return False, f"add {info['distance']} to eval.copy_distances (now {list(eval_cfg.copy_distances)})"
-    if family == "task_accuracy":
+    if family in ("task_accuracy", "task_loss"):
         task, length = info["task"], info["length"]
         if task not in eval_cfg.tasks:
             return False, f"add {task} to eval.tasks (now {list(eval_cfg.tasks)})"

@@ -29,6 +29,9 @@ class DataConfig(_Section):
     val_split: str = "val"
     seq_len: int | None = None  # None: model.seq_len (they must agree when both are set)
     batch_size: int = Field(8, gt=0)  # sequences per micro-batch, per worker
+    # Score only the answer tokens (a synthetic task's mask.npy): the training loss and the validation
+    # loss then cover the answers alone. None: on when the dataset carries a mask, off otherwise.
+    answer_only: bool | None = None
 
 
 class TrainConfig(_Section):

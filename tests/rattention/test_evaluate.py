@@ -20,6 +20,7 @@ from rattention.evaluate import (
     evaluate_path,
     position_losses,
     task_accuracy,
+    task_scores,
 )
 from rattention.model import LM
 from tests.conftest import tiny_run_config
@@ -89,6 +90,18 @@ def test_task_accuracy_of_oracle_and_wrong_models() -> None:
     assert task_accuracy(Copier(3), tokens, answers) == 0.0
 
 
+def test_task_answer_loss_of_known_models() -> None:
+    tokens = torch.tensor([[1, 2, 3, 4, 1, 2, 3, 4], [0, 0, 5, 6, 0, 0, 5, 6]])
+    answers = [np.array([5, 6, 7]), np.array([6, 7])]
+    acc, loss = task_scores(Copier(4), tokens, answers, batch_size=1)  # chunks of one row give the same sums
+    assert acc == 1.0 and loss == pytest.approx(0.0, abs=1e-6)
+    acc, loss = task_scores(FixedLogits(), tokens, answers)
+    # FixedLogits puts 1/2 on id 0: answers 2, 3, 4 and 5, 6 are misses, each -log(0.5 / 15)
+    assert acc == 0.0 and loss == pytest.approx(-math.log(0.5 / (V - 1)))
+    acc, loss = task_scores(FixedLogits(), torch.tensor([[3, 0, 0]]), [np.array([1, 2])])
+    assert acc == 1.0 and loss == pytest.approx(-math.log(0.5))
+
+
 def test_efficiency_uses_the_real_cache_accounting(train_dataset: Path) -> None:
     cfg = tiny_run_config(train_dataset)
     out = efficiency(cfg, LM(cfg.model), train_tokens_per_s=1000.0)
@@ -107,10 +120,25 @@ def test_eval_of_a_trained_run_folder(train_dataset: Path, tmp_path: Path) -> No
     got_cfg, results, state = evaluate_path(tmp_path / "run", ["eval.tasks=[mqar,niah]"])
     assert state["step"] == 8 and got_cfg.model.window == 8
     for key in (M.VAL_LOSS, M.val_loss_bucket(0, 8), M.val_loss_bucket(8, 16), M.val_loss_bucket(16, None),
-                M.copy_loss(4), M.copy_loss(16), M.task_accuracy("niah", 64), M.cache_bytes_at(128)):
+                M.copy_loss(4), M.copy_loss(16), M.task_accuracy("niah", 64), M.task_loss("mqar", 32),
+                M.cache_bytes_at(128)):
         assert key in results and math.isfinite(results[key]), key
     assert 0 < results[M.VAL_LOSS] < math.log(64) + 0.5
     # a checkpoint file directly gives the same numbers
     ckpt = sorted((tmp_path / "run" / "checkpoints").glob("*.pt"))[-1]
     _, again, _ = evaluate_path(ckpt, ["eval.tasks=[mqar,niah]"])
     assert again[M.VAL_LOSS] == pytest.approx(results[M.VAL_LOSS])
+
+
+def test_task_loss_names_parse_and_are_produced_with_the_accuracy() -> None:
+    from rattention.run_config import EvalConfig
+
+    name = M.task_loss("copy", 130)
+    assert name == "eval/copy_loss_len130" and M.default_direction(name) == "minimize"
+    assert M.parse_metric(name) == {"family": "task_loss", "name": name, "task": "copy", "length": 130}
+    assert M.parse_metric("eval/copy_loss_d128")["family"] == "copy_loss"  # the text copy loss keeps its family
+    assert M.parse_metric("eval/maze_loss_len130") is None
+    ev = EvalConfig(tasks=["copy"], task_lengths=[1, 2])
+    assert M.produced_by(name, ev, 130) == (True, "") and M.produced_by("eval/copy_loss_len260", ev, 130)[0]
+    assert "add copy to eval.tasks" in M.produced_by(name, EvalConfig(), 130)[1]
+    assert M.suggest("eval/copy_los_len130") == name

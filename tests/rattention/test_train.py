@@ -19,7 +19,8 @@ from rattention.model import LM
 from rattention.optim import WarmupCosine, build_optimizer
 from rattention.run_config import TrainConfig, dump_run_config, load_run_config
 from rattention.rundir import RunDir
-from tests.conftest import interrupt_when_training, tiny_run_config
+from rattention.train import train
+from tests.conftest import interrupt_when_training, tiny_run_config, write_token_dataset
 
 CONFIGS = sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml"))
 
@@ -99,6 +100,58 @@ def test_local_run_trains_and_writes_run_folder(train_dataset: Path, tmp_path: P
     state = torch.load(paths[-1], weights_only=True)
     assert {"model", "optimizer", "scheduler", "loader", "rng", "step", "tokens", "config"} <= set(state)
     assert state["step"] == 40 and state["tokens"] == 40 * 4 * 32
+
+
+def _copy_dataset(folder: Path) -> tuple[Path, list]:
+    """A copy-task dataset (tokens + mask.npy) written per the data contract, 31 tokens a sample."""
+    import webdataset as wds
+
+    from rattention.data import read_manifest, sha256_file
+    from rattention.tasks import TaskVocab, generate
+
+    samples = list(generate("copy", TaskVocab(64, (0,)), 31, seed=5, start=0, stop=24, span=8, gap=4))
+    docs = {"train": [s.tokens for s in samples], "val": [s.tokens for s in samples[:4]]}
+    write_token_dataset(folder, docs, 64, 0)
+    manifest = read_manifest(folder)
+    for split, items in (("train", samples), ("val", samples[:4])):
+        for i, shard in enumerate(manifest["splits"][split]["shards"]):  # rewrite the shards with the mask
+            with wds.TarWriter(str(folder / shard["file"])) as w:
+                for j, s in enumerate(items[i::2]):
+                    w.write({"__key__": f"doc{i}_{j:05d}", "tokens.npy": s.tokens.astype("uint16"),
+                             "mask.npy": s.mask.astype("uint8")})
+            shard["sha256"] = sha256_file(folder / shard["file"])
+    manifest["sample_fields"] = {"tokens.npy": "token ids", "mask.npy": "1 at answers"}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder, samples
+
+
+def test_training_loss_covers_the_answers_only_on_a_masked_dataset(tmp_path: Path) -> None:
+    import torch.nn.functional as F
+
+    from rattention.data import loader_for
+
+    folder, samples = _copy_dataset(tmp_path / "copy")
+    by_tokens = {s.tokens.astype("uint16").tobytes(): s for s in samples}
+    for answer_only in (None, False):
+        cfg = tiny_run_config(folder, "train.steps=1", "train.warmup_steps=0", "model.seq_len=31", "eval.enabled=false",
+                              f"data.answer_only={'null' if answer_only is None else 'false'}")
+        _, result = train(cfg, progress=False)
+        # the first step's loss, again by hand: the initial weights on the first batch, scored where the
+        # task's own mask (not the loader's targets) says
+        torch.manual_seed(cfg.train.seed)
+        model = LM(cfg.model)
+        inputs, targets = next(iter(loader_for(cfg, "train")))
+        with torch.no_grad():
+            logits = model(inputs).float()
+        ce = F.cross_entropy(logits.transpose(1, 2), torch.where(targets < 0, 0, targets), reduction="none")
+        keep = torch.zeros_like(ce, dtype=torch.bool)
+        for row in range(len(inputs)):
+            s = by_tokens[inputs[row].numpy().astype("uint16").tobytes()]  # one window: a sample and its EOS
+            keep[row, torch.as_tensor(s.answer_pos) - 1] = True
+        if answer_only is False:
+            keep[:] = True
+        assert result.losses[1] == pytest.approx(float(ce[keep].mean()), rel=1e-4)
+        assert int(keep.sum()) == (8 if answer_only is None else 31) * len(inputs)
 
 
 def test_resume_continues_the_same_curve(train_dataset: Path, tmp_path: Path) -> None:
