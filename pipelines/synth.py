@@ -27,7 +27,7 @@ from pipelines.tokenize import (
     token_dtype,
     write_manifest,
 )
-from rattention.data import FORMAT_VERSION, iter_samples, read_manifest, sha256_file
+from rattention.data import FORMAT_VERSION, check_tokenizer, iter_samples, read_manifest, sha256_file
 from rattention.errors import ConfigError, DataError, format_validation_error
 from rattention.tasks import TASKS, TaskVocab, generate, task_parameters
 
@@ -112,6 +112,12 @@ def synth(cfg: SynthConfig, log: Any = print) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     like_manifest = read_manifest(cfg.like) if cfg.like else None
+    if like_manifest is not None:
+        if cfg.vocab_size is not None and cfg.vocab_size != like_manifest["vocab_size"]:
+            raise ConfigError(f"vocab_size: --like {cfg.like} sets the vocabulary ({like_manifest['vocab_size']} "
+                              f"tokens), got --vocab-size {cfg.vocab_size}; give one of the two")
+        check_tokenizer(cfg.like, like_manifest)  # the tokenizer copied must be the one its vocab describes
+    like_tokenizer = (like_manifest or {}).get("tokenizer")  # None: --like a dataset of bare ids
     vocab_size = like_manifest["vocab_size"] if like_manifest else cfg.vocab_size
     eos_id = like_manifest["eos_id"] if like_manifest else 0
     vocab = TaskVocab(int(vocab_size), reserved=(int(eos_id),))
@@ -134,8 +140,8 @@ def synth(cfg: SynthConfig, log: Any = print) -> dict[str, Any]:
 
     tmp = temp_folder(cfg.out)
     try:
-        if cfg.like:
-            shutil.copy(Path(cfg.like) / "tokenizer.json", tmp / "tokenizer.json")
+        if cfg.like and like_tokenizer:
+            shutil.copy(Path(cfg.like) / like_tokenizer.get("file", "tokenizer.json"), tmp / "tokenizer.json")
         init_ray(cfg.address, cfg.num_cpus)
         n_tasks = max(1, min(cfg.num_cpus or cluster_cpus(), cfg.samples))
         ctx = ray.data.DataContext.get_current()
@@ -176,7 +182,7 @@ def synth(cfg: SynthConfig, log: Any = print) -> dict[str, Any]:
             "source": {"task": cfg.kind, "params": cfg.params, "haystack": cfg.haystack,
                        "like": str(cfg.like) if cfg.like else None},
             "tokenizer": ({"file": "tokenizer.json", "sha256": sha256_file(tmp / "tokenizer.json")}
-                          if cfg.like else None),
+                          if cfg.like and like_tokenizer else None),
             "vocab_size": int(vocab_size),
             "eos_id": int(eos_id),
             "dtype": dtype.name,

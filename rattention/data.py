@@ -19,6 +19,11 @@ seeded buffer per reader; it never ends. Evaluation (``infinite=False``) reads s
 without shuffling, one pass, and pads the last window (inputs EOS, targets ``IGNORE_INDEX``);
 ranks may then get different numbers of batches, so reduce evaluation metrics once at the end.
 
+Answers. A synthetic task dataset (``rattention data synth``) carries ``mask.npy`` per sample, 1 at
+answer tokens. With ``answer_only`` (the default for such a dataset) the mask is packed alongside the
+tokens and every target that is not an answer becomes ``IGNORE_INDEX``, so the loss (training and
+validation alike) is the loss on the answers alone.
+
 Position. A reader's position is ``(epoch, document, offset)``: the next window starts at token
 ``offset`` of the ``document``-th document of that epoch's order (EOS counted as its last token).
 ``state_dict()`` records the position after the last batch *handed to the caller* (prefetched
@@ -206,7 +211,13 @@ def verify_dataset(path: str | Path, splits: list[str], checksums: bool = True) 
 def loader_for(cfg: Any, split: str, rank: int = 0, world: int = 1, infinite: bool | None = None) -> PackedLoader:
     """The packed-window loader of a run config (``rattention.run_config.RunConfig``) for this rank."""
     return PackedLoader(cfg.data.path, split=split, seq_len=cfg.seq_len, batch_size=cfg.data.batch_size,
-                        seed=cfg.train.seed, rank=rank, world_size=world, infinite=infinite)
+                        seed=cfg.train.seed, rank=rank, world_size=world, infinite=infinite,
+                        answer_only=getattr(cfg.data, "answer_only", None))
+
+
+def has_answer_mask(manifest: dict[str, Any]) -> bool:
+    """Whether a dataset's samples carry ``mask.npy`` (1 at answer tokens): synthetic task datasets do."""
+    return "mask.npy" in (manifest.get("sample_fields") or {})
 
 
 def dataset_vocab(path: str | Path) -> int | None:
@@ -273,6 +284,8 @@ class PackedLoader:
         infinite: endless stream resampled by epoch (default: ``split == "train"``); otherwise
             one deterministic pass, no shuffle, the last window padded.
         verify: check every shard's sha256 against the manifest first (DataError naming the file).
+        answer_only: score only answer tokens (targets off the dataset's ``mask.npy`` become
+            ``IGNORE_INDEX``); None: on when the dataset carries a mask.
     """
 
     def __init__(
@@ -288,6 +301,7 @@ class PackedLoader:
         shuffle_buffer: int = 1000,
         infinite: bool | None = None,
         verify: bool = False,
+        answer_only: bool | None = None,
     ):
         if seq_len < 1:
             raise ConfigError(f"seq_len: must be >= 1, got {seq_len}")
@@ -306,6 +320,11 @@ class PackedLoader:
         self.shards = shard_paths(path, split, verify)
         self.eos_id = int(self.manifest["eos_id"])
         self.vocab_size = self.manifest.get("vocab_size")  # every id is checked below it as documents are read
+        masked = has_answer_mask(self.manifest)
+        if answer_only and not masked:
+            raise ConfigError(f"data.answer_only: {self.path} has no answer mask (mask.npy; made by rattention data "
+                              f"synth), so there are no answers to score; set it false or null")
+        self.answer_only = masked if answer_only is None else bool(answer_only)
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.shuffle_buffer = shuffle_buffer
@@ -347,8 +366,9 @@ class PackedLoader:
         perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
         return [self.shards[i] for i in perm]
 
-    def documents(self, reader: int, epoch: int) -> Iterator[tuple[str, bytes]]:
-        """``(key, raw tokens.npy bytes)`` of one reader's share of an epoch, in its final order."""
+    def documents(self, reader: int, epoch: int) -> Iterator[tuple[str, dict[str, bytes]]]:
+        """``(key, raw sample)`` of one reader's share of an epoch, in its final order; the sample maps
+        field names (``tokens.npy``, ``mask.npy``) to their raw bytes."""
         import webdataset as wds
 
         order = self.epoch_shards(epoch)
@@ -357,7 +377,7 @@ class PackedLoader:
             stream = (s for shard in order[reader::R] for s in iter_shard(shard))
         else:  # fewer shards than readers: split by document position instead
             stream = (s for i, s in enumerate(s for shard in order for s in iter_shard(shard)) if i % R == reader)
-        pairs = ((s["__key__"], s["tokens.npy"]) for s in stream)
+        pairs = ((s["__key__"], s) for s in stream)
         if self.infinite and self.shuffle_buffer > 1:
             rng = random.Random(f"{self.seed}-{epoch}-{reader}")
             pairs = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(pairs)
@@ -368,17 +388,33 @@ class PackedLoader:
 
         In finite mode the last window is padded with ``IGNORE_INDEX``.
         """
+        for win, _, pos in self.masked_windows(reader, start):
+            yield win, pos
+
+    def masked_windows(self, reader: int, start: tuple[int, int, int]
+                       ) -> Iterator[tuple[np.ndarray, np.ndarray | None, tuple[int, int, int]]]:
+        """Like ``windows``, with each window's answer mask packed the same way (EOS and padding are not
+        answers); the mask is None unless ``answer_only``."""
         L1 = self.seq_len + 1
         epoch, doc, offset = start
         buf = np.empty(L1, dtype=np.int64)
+        mbuf = np.zeros(L1, dtype=bool) if self.answer_only else None
         fill = 0
         while True:
             n_docs = 0
-            for i, (_, raw) in enumerate(self.documents(reader, epoch)):
+            for i, (key, sample) in enumerate(self.documents(reader, epoch)):
                 n_docs += 1
                 if i < doc:
                     continue
-                toks = _npy(raw)
+                toks = _npy(sample["tokens.npy"])
+                if self.vocab_size is not None and toks.size and int(toks.max()) >= self.vocab_size:
+                    raise DataError(f"{sample.get('__url__', self.path)}: document {key!r} holds token id "
+                                    f"{int(toks.max())}, outside the manifest's vocab_size {self.vocab_size}")
+                mask = None
+                if mbuf is not None:
+                    if "mask.npy" not in sample:
+                        raise DataError(f"{self.path}: sample {key!r} has no mask.npy, though the manifest lists one")
+                    mask = _npy(sample["mask.npy"]).astype(bool)
                 n = len(toks) + 1  # the document and its EOS
                 pos = offset if i == doc else 0
                 while pos < n:
@@ -389,16 +425,22 @@ class PackedLoader:
                         buf[fill + take - 1] = self.eos_id
                     else:
                         buf[fill : fill + take] = toks[pos:end]
+                    if mbuf is not None and mask is not None:
+                        mbuf[fill : fill + take] = False
+                        stop = min(end, n - 1)  # the EOS is no answer
+                        mbuf[fill : fill + stop - pos] = mask[pos:stop]
                     fill += take
                     pos = end
                     if fill == L1:
                         nxt = (epoch, i, pos) if pos < n else (epoch, i + 1, 0)
-                        yield buf.copy(), nxt
+                        yield buf.copy(), None if mbuf is None else mbuf.copy(), nxt
                         fill = 0
             if not self.infinite:
                 if fill:
                     buf[fill:] = IGNORE_INDEX
-                    yield buf.copy(), (epoch + 1, 0, 0)
+                    if mbuf is not None:
+                        mbuf[fill:] = False
+                    yield buf.copy(), None if mbuf is None else mbuf.copy(), (epoch + 1, 0, 0)
                 return
             if n_docs == 0:
                 raise DataError(
@@ -410,22 +452,29 @@ class PackedLoader:
     def batches(self, reader: int, start: tuple[int, int, int]) -> Iterator[tuple[int, tuple, Any, Any]]:
         """``(reader, position_after, inputs, targets)`` batches of one reader."""
         rows: list[np.ndarray] = []
+        masks: list[np.ndarray] = []
         pos = start
-        for win, pos in self.windows(reader, start):
+        for win, mask, pos in self.masked_windows(reader, start):
             rows.append(win)
+            if mask is not None:
+                masks.append(mask)
             if len(rows) == self.batch_size:
-                yield reader, pos, *self._to_tensors(rows)
-                rows = []
+                yield reader, pos, *self._to_tensors(rows, masks)
+                rows, masks = [], []
         if rows:
-            yield reader, pos, *self._to_tensors(rows)
+            yield reader, pos, *self._to_tensors(rows, masks)
 
-    def _to_tensors(self, rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _to_tensors(self, rows: list[np.ndarray], masks: list[np.ndarray] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         import torch
 
         w = torch.from_numpy(np.stack(rows))
         inputs = w[:, :-1].clone()
         inputs[inputs == IGNORE_INDEX] = self.eos_id
-        return inputs, w[:, 1:].clone()
+        targets = w[:, 1:].clone()
+        if masks:  # answer_only: a target counts only where it is an answer
+            targets[~torch.from_numpy(np.stack(masks))[:, 1:]] = IGNORE_INDEX
+        return inputs, targets
 
     # ----- iteration -----------------------------------------------------------------------------
 

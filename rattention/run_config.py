@@ -29,6 +29,9 @@ class DataConfig(_Section):
     val_split: str = "val"
     seq_len: int | None = None  # None: model.seq_len (they must agree when both are set)
     batch_size: int = Field(8, gt=0)  # sequences per micro-batch, per worker
+    # Before training, read every shard once against the manifest's sha256 (and check its token ids);
+    # false skips that read (a shard's presence, size and the tokenizer are still checked).
+    verify_checksums: bool = Field(True, strict=True)
     # Score only the answer tokens (a synthetic task's mask.npy): the training loss and the validation
     # loss then cover the answers alone. None: on when the dataset carries a mask, off otherwise.
     answer_only: bool | None = None
@@ -231,7 +234,13 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
+            tag = re.search(r"tag '([^']+)'", str(getattr(err, "problem", "") or ""))
+            if isinstance(err, yaml.constructor.ConstructorError) and tag:  # e.g. !!python/object/apply
+                at = f"{where}:" if where else ""
+                raise ConfigError(f"{p}:{at} tag {tag.group(1)!r} is not allowed (plain YAML only)") from None
             raise ConfigError(f"{p}:{where} not valid YAML") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p}: not a text file") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{p}: expected a mapping of sections {list(RunConfig.model_fields)}")
     return parse_run_config(_floats(apply_overrides(data, overrides or [])))
