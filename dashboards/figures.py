@@ -145,6 +145,10 @@ def paper(s: Sweep) -> Figure | Missing:
         notes.append(f"a {s.mode} sweep has no tolerance bar")
     for kind in s.kinds:
         ps = pts[kind]
+        lost = sorted({t.window for t in s.failed if t.kind == kind} - {p.window for p in ps})
+        if lost:
+            notes.append(f"{kind}: no seed of window {', '.join(map(str, lost))} finished, so it is not drawn "
+                         "(the sweep counts it as not passing; the table lists those trials)")
         if not ps:
             notes.append(f"{kind}: no trial reports {m}")
             continue

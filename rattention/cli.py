@@ -255,12 +255,19 @@ def report(
 ) -> None:
     """Build a finished sweep's figures (PNG and HTML), comparison table and standalone report.html; print
     the path of report.html."""
+    import os
+
     from dashboards import build_report, find_sweep
     from pipelines import tracking
 
+    store = Path(".mlflow")
     if uri:
         tracking.check_uri(uri, "--tracking-uri")
-    with tracking.tracking_uri(uri or None, ".mlflow", check=not uri) as live:  # checks MLFLOW_TRACKING_URI
+    elif not os.environ.get("MLFLOW_TRACKING_URI") and not (store / "mlflow.db").is_file():
+        raise ConfigError(f"--tracking-uri: not given, MLFLOW_TRACKING_URI is unset, and there is no local store "
+                          f"{store / 'mlflow.db'} here; pass the sweep's server, or run from the folder holding "
+                          "its .mlflow")
+    with tracking.tracking_uri(uri or None, store, check=not uri) as live:  # checks MLFLOW_TRACKING_URI
         client = tracking.client(live)
         path = build_report(client, find_sweep(client, sweep_ref), out, log=log)
     print(path)

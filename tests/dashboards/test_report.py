@@ -216,6 +216,15 @@ def test_report_command_errors(minimal_sweep: dict, mlflow_server: str, tmp_path
     assert find_sweep(c, "report-e2e") == minimal_sweep["parent"]
 
 
+def test_report_command_without_a_store(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)  # no .mlflow here, no URI given: one line, and no empty store is made
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert cli(["report", "some-sweep"]) == 2
+    assert capsys.readouterr().err.startswith("error: --tracking-uri: not given, MLFLOW_TRACKING_URI is unset, "
+                                              "and there is no local store .mlflow/mlflow.db here")
+    assert not (tmp_path / ".mlflow").exists()
+
+
 # ----- helpers -------------------------------------------------------------------------------------------
 
 def cli(args: list[str]) -> int:
