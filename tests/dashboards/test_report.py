@@ -155,12 +155,23 @@ def test_missing_metrics_are_one_line_each(pareto_sweep: dict, mlflow_server: st
 
 
 def test_two_builds_give_the_same_bytes(minimal_sweep: dict, mlflow_server: str, tmp_path: Path) -> None:
+    import os
+    import sys
+
     a = build_report(mlflow_server, minimal_sweep["parent"], tmp_path / "a", log=False).parent
     b = build_report(MlflowClient(mlflow_server), minimal_sweep["parent"], tmp_path / "b", log=False).parent
+    # and one by the command in another process, with another hash seed (set and dict orders differ)
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-m", "rattention", "report", minimal_sweep["parent"], "--tracking-uri",
+                          mlflow_server, "--out", str(tmp_path / "c"), "--no-log"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == str(tmp_path / "c" / "report.html"), out.stderr
     files = sorted(p.name for p in a.iterdir())
-    assert files == sorted(p.name for p in b.iterdir())
-    for name in files:
-        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    for other in (b, tmp_path / "c"):
+        assert files == sorted(p.name for p in other.iterdir())
+        for name in files:
+            assert (a / name).read_bytes() == (other / name).read_bytes(), name
     assert b"Software" not in (a / "paper.png").read_bytes()
 
 
