@@ -7,6 +7,8 @@ and window, with ``train.seed`` among its params and its results as canonical me
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -24,6 +26,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 BASELINE = "full"
 ANSWER = "answer.json"
+TRIALS = "trials.csv"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -173,8 +176,11 @@ def load_sweep(client: Any, run_id: str) -> Sweep:
     if direction not in ("minimize", "maximize"):
         direction = M.default_direction(metric)
     kinds = tuple(json.loads(params.get("kinds", "[]")) or [k["kind"] for k in answer.get("kinds", [])])
-    children = _search(client, parent.info.experiment_id, f"tags.`{M.TAG_PARENT}` = '{run_id}'")
+    children = _trial_runs(client, parent)
     trials, failed = _trials(children)
+    if not trials:
+        raise RattentionError(f"sweep run {run_id}: none of its trials has a finished run in this MLflow store "
+                              f"({len(children)} trial runs found); report on the store the sweep logged into")
     seq_len = _common(children, "model.seq_len", params=True)
     minimal = {k["kind"]: k["minimal"] for k in answer.get("kinds", [])}
     return Sweep(
@@ -199,10 +205,30 @@ def _answer(client: Any, run_id: str) -> dict[str, Any]:
             return json.load(f)
 
 
+def _trial_runs(client: Any, parent: Any) -> list[Any]:
+    """The trial runs of a sweep: its child runs, and any run its ``trials.csv`` names that is another
+    parent's child (a trial finished before, under an earlier parent run, is not trained or logged again)."""
+    runs = _search(client, parent.info.experiment_id, f"tags.`{M.TAG_PARENT}` = '{parent.info.run_id}'")
+    known = {r.info.run_id for r in runs}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(parent.info.run_id, TRIALS, tmp)
+        except Exception:  # noqa: BLE001 - no trials.csv: the child runs are all there is
+            return runs
+        with open(path, newline="") as f:
+            listed = sorted({row["mlflow_run_id"] for row in csv.DictReader(io.StringIO(f.read()))
+                             if row.get("mlflow_run_id")} - known)
+    for rid in listed:
+        run = _get_run(client, rid)
+        if run is not None:
+            runs.append(run)
+    return runs
+
+
 def _trials(children: list[Any]) -> tuple[tuple[Trial, ...], tuple[Trial, ...]]:
     """The newest finished trial run of each (kind, window, seed), and the points that never finished."""
     newest: dict[tuple[str, int | None, int], tuple[tuple[int, str], Trial]] = {}
-    unfinished: dict[tuple[str, int | None, int], Trial] = {}
+    unfinished: dict[tuple[str, int | None, int], tuple[tuple[int, str], Trial]] = {}
     for r in children:
         kind = r.data.tags.get(M.TAG_KIND)
         seed = r.data.params.get("train.seed")
@@ -213,18 +239,16 @@ def _trials(children: list[Any]) -> tuple[tuple[Trial, ...], tuple[Trial, ...]]:
                    and not k.startswith(("train/", "system/"))}
         t = Trial(r.info.run_id, kind, window, int(seed), r.info.status, metrics)
         key = (kind, window, int(seed))
-        if r.info.status != "FINISHED":
-            unfinished[key] = t
-            continue
         order = (r.info.start_time or 0, r.info.run_id)
-        if key not in newest or order > newest[key][0]:
-            newest[key] = (order, t)
+        pick = newest if r.info.status == "FINISHED" else unfinished
+        if key not in pick or order > pick[key][0]:
+            pick[key] = (order, t)
 
     def sort_key(k: tuple[str, int | None, int]) -> tuple[str, int, int]:
         return (k[0], -1 if k[1] is None else k[1], k[2])
 
     finished = tuple(newest[k][1] for k in sorted(newest, key=sort_key))
-    failed = tuple(unfinished[k] for k in sorted(unfinished, key=sort_key) if k not in newest)
+    failed = tuple(unfinished[k][1] for k in sorted(unfinished, key=sort_key) if k not in newest)
     return finished, failed
 
 

@@ -270,3 +270,23 @@ def figure_dom(dom: str, name: str) -> str:
 def count_traces(dom: str) -> int:
     """Plotly's rendered scatter traces (one ``<g class="trace scatter ...">`` each)."""
     return len(re.findall(r'<g class="trace scatter[ "]', dom))
+
+
+def test_trials_finished_under_an_earlier_parent_are_found(train_dataset: Path, mlflow_server: str, ray_local,
+                                                           tmp_path: Path) -> None:
+    # The same sweep again after its study and record were deleted: a new parent run, whose trials all come
+    # back "finished before" from their run folders, so MLflow holds them under the first parent only.
+    path = write_sweep_spec(tmp_path, train_dataset, mlflow_server, "report-again", kinds=["swa"], seeds=1)
+    first = sweep(load_spec(path), progress=False)
+    folder = tmp_path / "sweeps" / "report-again"
+    (folder / "optuna.journal").unlink()
+    (folder / "sweep.json").unlink()
+    second = sweep(load_spec(path), progress=False)
+    assert second["trained"] == 0 and second["trials"] == first["trials"]
+    c = MlflowClient(mlflow_server)
+    parent = find_sweep(c, "report-again")
+    assert parent == json.loads((folder / "sweep.json").read_text())["parent_run_id"]
+    assert not c.search_runs([c.get_run(parent).info.experiment_id],
+                             filter_string=f"tags.`{M.TAG_PARENT}` = '{parent}'")
+    s = load_sweep(c, parent)
+    assert len(s.trials) == first["trials"] and {t.kind for t in s.trials} == {"full", "swa"}
