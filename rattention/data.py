@@ -231,8 +231,14 @@ def dataset_fingerprint(path: str | Path) -> str:
     return str(read_manifest(path).get("fingerprint", "unknown"))
 
 
-def _npy(raw: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(raw), allow_pickle=False)
+def _npy(raw: bytes, where: str | None = None) -> np.ndarray:
+    """A sample's ``.npy`` field; with ``where`` (its shard and key), a damaged one is a DataError naming it."""
+    if where is None:
+        return np.load(io.BytesIO(raw), allow_pickle=False)
+    try:
+        return np.load(io.BytesIO(raw), allow_pickle=False)
+    except (ValueError, EOFError, OSError) as err:
+        raise DataError(f"{where}: corrupt sample, not a .npy array ({err})") from None
 
 
 def iter_shard(path: Path) -> Iterator[dict[str, Any]]:
@@ -406,10 +412,11 @@ class PackedLoader:
                 n_docs += 1
                 if i < doc:
                     continue
-                toks = _npy(sample["tokens.npy"])
+                where = f"{sample.get('__url__', self.path)}: document {key!r}"
+                toks = _npy(sample["tokens.npy"], where)
                 if self.vocab_size is not None and toks.size and int(toks.max()) >= self.vocab_size:
-                    raise DataError(f"{sample.get('__url__', self.path)}: document {key!r} holds token id "
-                                    f"{int(toks.max())}, outside the manifest's vocab_size {self.vocab_size}")
+                    raise DataError(f"{where} holds token id {int(toks.max())}, outside the manifest's vocab_size "
+                                    f"{self.vocab_size}")
                 mask = None
                 if mbuf is not None:
                     if "mask.npy" not in sample:

@@ -1,0 +1,142 @@
+"""What the fault-injection tests share: a real tokenized dataset, the command line run in-process, a tmpfs
+mount, and the rows of the reliability table.
+
+A test that proves a fault's recovery calls ``record`` after its assertions. The rows go to the file named
+by ``RATTENTION_RELIABILITY_ROWS`` (one JSON object a line) when it is set, as ``benchmarks/
+bench_reliability.py`` sets it; a plain pytest run records nothing and writes nothing in the checkout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROWS_ENV = "RATTENTION_RELIABILITY_ROWS"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def record(fault: str, injection: str, expected: str, survived: bool, lost: str, recovery_s: float,
+           recovery: str, test: str) -> None:
+    """One row of the reliability table: the fault, how it was injected, the recovery expected (and
+    asserted by ``test``), whether it was survived, what was lost, and the recovery time in seconds
+    (``recovery`` says what that time covers)."""
+    path = os.environ.get(ROWS_ENV)
+    if not path:
+        return
+    row = {"fault": fault, "injection": injection, "expected": expected, "survived": survived, "lost": lost,
+           "recovery_s": round(recovery_s, 3), "recovery": recovery, "test": test}
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+# ----- a real dataset, made by the pipeline -----------------------------------------------------------------
+
+def write_corpus(folder: Path, documents: int = 60) -> Path:
+    """Text files of varied words: enough for a 300-token BPE and several shards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ["window", "state", "kernel", "shard", "token", "query", "value", "recall", "merge", "layer",
+             "linear", "softmax", "residual", "global", "local", "decode"]
+    for i in range(documents):
+        text = " ".join(words[(i * 7 + j * (i % 5 + 1)) % len(words)] for j in range(120 + 13 * (i % 9)))
+        (folder / f"doc{i:03d}.txt").write_text(f"# document {i}\n{text}\n")
+    return folder
+
+
+def prepare_dataset(out: Path, corpus: Path, **fields: Any) -> dict[str, Any]:
+    """``rattention data prepare`` (the Ray job, in this process) into ``out``; returns the manifest."""
+    from pipelines import tokenize
+
+    cfg = tokenize.make_config(out=out, sources=[str(corpus)], vocab_size=300, val_fraction=0.3,
+                               shard_tokens=1500, **fields)
+    return tokenize.prepare(cfg, log=lambda s: None)
+
+
+def run_config_file(folder: Path, dataset: Path, *overrides: str) -> Path:
+    """A run config YAML of the tiny model (``tests.conftest.tiny_run_config``) over ``dataset``'s vocab of
+    300, checkpointing every 4 of 12 steps, evaluation off; runs go under ``folder/runs``."""
+    from tests.conftest import tiny_run_config
+
+    cfg = tiny_run_config(dataset, "model.vocab_size=300", "train.steps=12", "train.checkpoint_every=4",
+                          "eval.enabled=false", f"train.out_dir={folder / 'runs'}", *overrides)
+    path = folder / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    return path
+
+
+def copy_dataset(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def manifest_of(dataset: Path) -> dict[str, Any]:
+    return json.loads((dataset / "manifest.json").read_text())
+
+
+def write_manifest(dataset: Path, manifest: dict[str, Any]) -> None:
+    (dataset / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+# ----- the command line, in-process as the console script runs it ------------------------------------------
+
+def cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, float]:
+    """Run ``rattention ARGV`` through ``rattention.cli.main``; return (exit code, stderr, seconds)."""
+    from rattention.cli import main
+
+    capsys.readouterr()
+    t0 = time.perf_counter()
+    code = 0
+    try:
+        main(list(argv))
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    secs = time.perf_counter() - t0
+    return code, capsys.readouterr().err, secs
+
+
+def one_error_line(err: str) -> str:
+    """The single ``error: ...`` line of a failed command (asserting that there is exactly one and no
+    traceback); returns its message."""
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("warning: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "Traceback" not in err, err
+    return lines[0].removeprefix("error: ")
+
+
+# ----- a tmpfs of a chosen size ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str, read_only: bool = False) -> Iterator[Path]:
+    """Mount a tmpfs of ``size`` (e.g. ``640k``) at ``path`` for the block; the test skips, saying why,
+    where mounting is impossible (not root, no CAP_SYS_ADMIN, no mount binary)."""
+    path.mkdir(parents=True, exist_ok=True)
+    opts = f"size={size}" + (",ro" if read_only else "")
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True,
+                           text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as err:
+        pytest.skip(f"cannot mount a tmpfs here ({err}); the disk-full and read-only faults need one")
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or r.returncode}); the disk-full and "
+                    f"read-only faults need root or CAP_SYS_ADMIN")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], capture_output=True, timeout=30)
+        if os.path.ismount(path):
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=30)
+
+
+def remount(path: Path, size: str, read_only: bool = False) -> None:
+    """Change a tmpfs mount's size (or make it writable): the space freed, as a user would."""
+    opts = f"remount,size={size}" + (",ro" if read_only else ",rw")
+    subprocess.run(["mount", "-o", opts, str(path)], check=True, capture_output=True, timeout=30)
