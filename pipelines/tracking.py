@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -38,9 +39,9 @@ def server_alive(uri: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -57,25 +58,30 @@ def running_server(folder: str | Path) -> str | None:
 
 
 @contextlib.contextmanager
-def local_server(folder: str | Path) -> Iterator[str]:
+def local_server(folder: str | Path, host: str = "127.0.0.1", port: int | None = None,
+                 reuse: bool = True) -> Iterator[str]:
     """Yield the URI of a local MLflow server over ``folder`` (``mlflow.db``, ``artifacts/``).
 
-    A live server recorded in ``folder/server.json`` is reused and left running; otherwise one is
-    started on a free 127.0.0.1 port and stopped on exit.
+    With ``reuse``, a live server recorded in ``folder/server.json`` is reused and left running.
+    Otherwise one is started on ``host`` (127.0.0.1 unless asked) and ``port`` (a free one when None),
+    recorded in ``server.json`` unless a live one is recorded there, and stopped on exit.
     """
     folder = Path(folder).resolve()
-    uri = running_server(folder)
-    if uri is not None:
-        yield uri
+    live = running_server(folder)
+    if live is not None and reuse:
+        yield live
         return
     folder.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
+    port = port or _free_port(host)
+    reach = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # a wildcard bind is reached on loopback
+    uri = f"http://{f'[{reach}]' if ':' in reach else reach}:{port}"
     log = (folder / "server.log").open("ab")
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port),
            "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
            "--artifacts-destination", str(folder / "artifacts")]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    # No job runner: MLflow 3 would start 8 more processes (huey consumers) that the platform never uses.
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while not server_alive(uri, timeout=1.0):
@@ -86,20 +92,28 @@ def local_server(folder: str | Path) -> Iterator[str]:
                 raise RattentionError(f"{folder / 'server.log'}: local MLflow server not up after "
                                       f"{STARTUP_TIMEOUT_S:.0f} s")
             time.sleep(0.25)
-        (folder / SERVER_FILE).write_text(json.dumps({"uri": uri, "pid": proc.pid}))
+        if live is None:
+            (folder / SERVER_FILE).write_text(json.dumps({"uri": uri, "pid": proc.pid}))
         print(f"MLflow: started a local server at {uri} ({folder})", file=sys.stderr, flush=True)
         yield uri
     finally:
         with contextlib.suppress(FileNotFoundError):
             if json.loads((folder / SERVER_FILE).read_text()).get("pid") == proc.pid:
                 (folder / SERVER_FILE).unlink()
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop_group(proc)
         log.close()
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """Stop the server and what it started (uvicorn): its own session's process group, TERM then KILL."""
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 15)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def check_uri(uri: str, field: str = "tracking.uri") -> None:
