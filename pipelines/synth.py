@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from pipelines.tokenize import (
     SplitWriter,
@@ -29,12 +29,13 @@ from pipelines.tokenize import (
 )
 from rattention.data import FORMAT_VERSION, check_tokenizer, iter_samples, read_manifest, sha256_file
 from rattention.errors import ConfigError, DataError, format_validation_error
+from rattention.schema import Schema
 from rattention.tasks import TASKS, TaskVocab, generate, task_parameters
 
 MASK_DOC = "uint8 per token, 1 where the token is an answer: score the prediction of tokens[t] from tokens[:t]"
 
 
-class SynthConfig(BaseModel):
+class SynthConfig(Schema):
     """A synthetic task dataset: task kind and parameters, sizes, and the vocabulary to draw from."""
 
     kind: str

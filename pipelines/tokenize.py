@@ -35,11 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from pipelines.ray_utils import check_reachable, cluster_address
 from rattention.data import FORMAT_VERSION, sha256_file
 from rattention.errors import ConfigError, DataError, format_validation_error
+from rattention.schema import Schema
 
 EOS_TOKEN = "<|endoftext|>"
 TEXT_SUFFIXES = (".txt", ".md", ".py")
@@ -57,7 +58,7 @@ BLOCKS_PER_ACTOR = 4
 BLOCK_BYTES = 4 << 20
 
 
-class PrepareConfig(BaseModel):
+class PrepareConfig(Schema):
     """Everything that decides the dataset's content (the fingerprint) plus how to run the job."""
 
     out: Path

@@ -77,9 +77,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise TrainingError(f"{path}: checkpoint not found") from None
     except Exception as err:  # noqa: BLE001 - any unpickling failure is a corrupt file to the user
         text = str(err)
-        if "Weights only load failed" in text or "weights_only" in text:
-            found = _GLOBAL.search(text)
-            what = found.group(1) if found else None
+        found = _GLOBAL.search(text) if ("Weights only load failed" in text or "weights_only" in text) else None
+        if found:  # a pickled object it would have had to build (torch words any unpickling failure alike)
+            what = found.group(1)
             raise TrainingError(f"{path}: refused, it holds Python objects beyond tensors and plain values"
                                 f"{f' ({what})' if what else ''}; checkpoints load with weights_only=True "
                                 f"and nothing in it was run") from None

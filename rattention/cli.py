@@ -1,4 +1,4 @@
-"""The command line: ``rattention data|train|eval|import-run|sweep|report|demo``.
+"""The command line: ``rattention data|train|eval|import-run|sweep|report|ui|demo``.
 
 This is the one module that reaches every package (the demo composes them); nothing imports it.
 Heavy imports (ray, mlflow, optuna) happen inside the commands, so ``--help`` stays fast.
@@ -150,9 +150,12 @@ def train(
     The run's folder is named by a hash of its config, data and code: the same command again returns
     a finished run's results without training, or resumes an interrupted run from its checkpoint.
     """
+    from pipelines.ray_utils import cluster_address
+    from rattention.lifecycle import preflight
     from rattention.run_config import load_run_config
 
     cfg = load_run_config(config, overrides or [])
+    preflight(cfg, run_dir, local=no_ray or cluster_address(cfg.ray.address) is None)
     try:
         if no_ray:
             results = _train_here(cfg, config, run_dir)
@@ -271,6 +274,39 @@ def report(
         client = tracking.client(live)
         path = build_report(client, find_sweep(client, sweep_ref), out, log=log)
     print(path)
+
+
+@app.command()
+def ui(
+    target: str = typer.Argument(None, metavar="[SWEEP_FOLDER_OR_JOURNAL]", help="With --optuna: a sweep folder, "
+                                 "its optuna.journal or an RDB URL (default: the one sweep in .rattention/sweeps)."),
+    optuna: bool = typer.Option(False, "--optuna", help="optuna-dashboard on a sweep's study instead of MLflow."),
+    store: Path = typer.Option(None, "--store", help="MLflow store folder: mlflow.db + artifacts/ (default: "
+                               "MLFLOW_TRACKING_URI if set, else .mlflow)."),
+    uri: str = typer.Option(None, "--tracking-uri", help="sqlite:///FOLDER/mlflow.db of a store, or a running "
+                            "server's http(s) URI (printed: it serves its own UI)."),
+    port: int = typer.Option(None, "--port", help="Port to serve on (default: a free one)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; another than loopback makes the "
+                             "UI reachable from other machines, with no login."),
+) -> None:
+    """Browse results: the MLflow UI on the platform's store (runs, metrics, artifacts), or with --optuna the
+    sweep's Optuna study; prints the address and serves until Ctrl-C."""
+    import os
+
+    from pipelines.ui import serve_mlflow, serve_optuna
+
+    if optuna and (store is not None or uri is not None):
+        raise ConfigError("--optuna: shows a sweep's Optuna study; --store and --tracking-uri are for the MLflow UI")
+    if target is not None and not optuna:
+        raise ConfigError(f"{target!r}: a sweep folder or journal goes with --optuna; for MLflow use --store FOLDER")
+    try:
+        if optuna:
+            serve_optuna(target, host=host, port=port)
+        else:
+            env = os.environ.get("MLFLOW_TRACKING_URI") if store is None and uri is None else None
+            serve_mlflow(store, uri or env or None, host=host, port=port)
+    except KeyboardInterrupt:  # Ctrl-C is how the UI ends: the server is stopped, nothing is left running
+        print("stopped", file=sys.stderr)
 
 
 def _print_results(results: dict) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, ValidationError, field_validator, model_validator
 
 from rattention.errors import ConfigError, format_validation_error
+from rattention.schema import Schema
 
 KINDS = ("full", "swa", "rattention")
 FEATURE_MAPS = ("sm2", "relu2")
@@ -15,7 +16,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
           "float64": torch.float64}
 
 
-class ModelConfig(BaseModel):
+class ModelConfig(Schema):
     """A decoder LM whose layers follow ``layout`` repeated: ``L`` local (kind under study), ``G`` global.
 
     ``kind='full'`` makes every layer global (the full-attention baseline); ``swa`` and
@@ -104,7 +105,7 @@ class ModelConfig(BaseModel):
         try:
             super().__init__(**data)
         except ValidationError as err:
-            raise ConfigError(format_validation_error(err, prefix="model")) from None
+            raise ConfigError(format_validation_error(err, prefix="model", model=ModelConfig)) from None
 
     # ----- derived --------------------------------------------------------------------------
 

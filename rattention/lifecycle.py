@@ -209,6 +209,29 @@ def check_data(cfg: RunConfig) -> None:
     verify_dataset(cfg.data.path, splits, checksums=cfg.data.verify_checksums)
 
 
+def preflight(cfg: RunConfig, run_dir: str | Path | None = None, local: bool = True) -> None:
+    """What can be known wrong about a run before any tracking server, cluster or compute starts: one
+    ConfigError line naming the field. ``local``: the run trains on this machine (no ``ray.address``), so
+    its GPU asks are checked against this machine's GPUs."""
+    import torch
+
+    from rattention.train import check_vocab
+
+    try:
+        read_manifest(cfg.data.path)
+    except DataError as err:
+        raise ConfigError(f"data.path: {err}") from None
+    check_vocab(cfg)
+    for name, path in (("--run-dir", run_dir), ("train.out_dir", None if run_dir else cfg.train.out_dir)):
+        if path is not None and Path(path).exists() and not Path(path).is_dir():
+            raise ConfigError(f"{name}: {path} is a file, not a folder; choose another")
+    if local and (cfg.train.device == "cuda" or cfg.ray.gpus_per_worker > 0) and not torch.cuda.is_available():
+        name, asked = (("train.device", "cuda asked") if cfg.train.device == "cuda" else
+                       ("ray.gpus_per_worker", f"{cfg.ray.gpus_per_worker:g} GPU per worker asked"))
+        raise ConfigError(f"{name}: {asked}; this machine has no GPU (ask for none, or set ray.address "
+                          "to join a cluster with GPUs)")
+
+
 @dataclass
 class Opened:
     handle: RunHandle

@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rattention.config import ModelConfig
 from rattention.errors import ConfigError, format_validation_error
+from rattention.schema import Schema
 
 
-class _Section(BaseModel):
+class _Section(Schema):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
@@ -139,6 +140,22 @@ class TrackingConfig(_Section):
     system_metrics: bool = True  # log system/* metrics (CPU, memory, GPU memory) with the training metrics
 
 
+RAY_ADDRESS_FORMS = "auto, HOST:PORT, ray://HOST:PORT or http://HOST:PORT"
+
+
+def check_ray_address(address: str | None, field: str | None = None) -> str | None:
+    """``address`` when it has a form Ray joins (``auto``, ``HOST:PORT``, ``ray://HOST:PORT``, the job
+    server's ``http(s)://HOST:PORT``), else one ConfigError line naming ``field``."""
+    if address is None or address == "auto":
+        return address
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    scheme = address.split("://", 1)[0] if "://" in address else ""
+    if not sep or not host or not port.isdigit() or scheme not in ("", "ray", "http", "https"):
+        what = f"{address!r} is not a Ray address; use {RAY_ADDRESS_FORMS}, or leave it unset for a local Ray"
+        raise ConfigError(f"{field}: {what}" if field else what)
+    return address
+
+
 class RayConfig(_Section):
     """Ray Train: workers, GPUs, restarts. ``local_mode`` runs the loop in the driver process."""
 
@@ -148,6 +165,11 @@ class RayConfig(_Section):
     cpus_per_worker: float = Field(1, gt=0)
     max_failures: int = Field(0, ge=-1)  # worker restarts from the last checkpoint; -1: unlimited
     local_mode: bool = False
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        return check_ray_address(v)
 
 
 class RunConfig(_Section):
@@ -190,7 +212,7 @@ def parse_run_config(data: dict[str, Any]) -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err)) from None
+        raise ConfigError(format_validation_error(err, model=RunConfig)) from None
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], sectioned: bool = True,

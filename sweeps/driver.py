@@ -508,18 +508,27 @@ def sweep(spec: SweepSpec, address: str | None = None, resume: bool = False, dry
         text = plan(spec)
         print(text)
         return {"plan": text}
-    from pipelines.ray_utils import init_ray
-    from pipelines.tracking import tracking_uri
+    from pipelines.ray_utils import check_reachable, cluster_address, init_ray
+    from pipelines.tracking import check_uri, tracking_uri
+    from rattention.rundir import ensure_folder
     from sweeps.spec import check_cluster
 
-    folder = spec.folder()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(f"out_dir: cannot create the sweep folder {folder} ({err.strerror or err})") from None
-    if not folder.is_dir():
-        raise ConfigError(f"out_dir: {folder} is not a folder")
+    # Before anything is written or started: the server, the cluster, this machine's GPUs, the folder.
     base = spec.base_config()
+    if address := cluster_address(address):
+        check_reachable(address)
+    elif spec.resources.gpus > 0:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"resources.gpus: trials ask for {spec.resources.gpus:g} GPU each; this machine has "
+                              "no GPU (set resources.gpus=0, or --address to join a cluster with GPUs)")
+    for parent in (Path(spec.out_dir), *Path(spec.out_dir).parents):
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"out_dir: {parent} is a file, not a folder; choose another")
+    if base.tracking.uri:
+        check_uri(base.tracking.uri, "base config: tracking.uri")
+    folder = ensure_folder(spec.folder(), "out_dir")
     with _driver_lock(folder), tracking_uri(base.tracking.uri, base.tracking.server_dir) as uri:
         resources = init_ray(address, log_to_driver=False, logging_level="ERROR")
         check_cluster(spec, resources)

@@ -16,7 +16,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -25,6 +25,7 @@ from rattention import metrics as M
 from rattention.config import KINDS, format_validation_error
 from rattention.errors import ConfigError
 from rattention.run_config import RunConfig, apply_overrides, load_run_config
+from rattention.schema import Schema
 
 LOCAL_KINDS = ("swa", "rattention")
 BASELINE = "full"
@@ -36,7 +37,7 @@ _TRIAL_FIELDS = {"model.kind": "kinds", "model.window": "grid", "train.seed": "s
                  "tracking.experiment": "name"}
 
 
-class _Spec(BaseModel):
+class _Spec(Schema):
     """A spec section: unknown keys are errors; a bad field raises one ConfigError line."""
 
     model_config = ConfigDict(extra="forbid")
@@ -475,39 +476,13 @@ def _apply_spec_overrides(data: dict[str, Any], overrides: list[str]) -> dict[st
     return apply_overrides(data, overrides, sectioned=False, example="parallel=2 or grid.windows=[16,32]")
 
 
-def _submodel(cls: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model class a location's last part is a field of (None when not a model)."""
-    for part in loc[:-1]:
-        field = cls.model_fields.get(str(part))
-        if field is None:
-            return None
-        ann = field.annotation
-        models = [a for a in (ann, *get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)]
-        if not models:
-            return None
-        cls = models[0]
-    return cls
-
-
 def _one_line(err: ValidationError, cls: type[BaseModel], prefix: str = "") -> str:
     """One ``field.path: what is wrong`` line, with did-you-mean for unknown keys and ``got X`` for bad values."""
     first = err.errors()[0]
     cause = (first.get("ctx") or {}).get("error")
-    loc = tuple(first["loc"])
     if isinstance(cause, ConfigError):
         return str(cause)  # the spec's own checks name their full field path
-    line = format_validation_error(err, prefix=prefix)
-    if first["type"] == "extra_forbidden":
-        owner = _submodel(cls, loc)
-        close = difflib.get_close_matches(str(loc[-1]), list(owner.model_fields), n=1) if owner else []
-        if close:
-            line += f" (did you mean {close[0]!r}?)"
-    elif first["type"] == "missing":
-        line = line.replace("Field required", "required field is missing")
-    elif "input" in first and first["type"] not in ("literal_error", "value_error") and ", got " not in line \
-            and not isinstance(first["input"], dict):
-        line += f", got {first['input']!r}"
-    return line
+    return format_validation_error(err, prefix=prefix, model=cls)
 
 
 def _check_kwargs(section: str, kwargs: dict[str, Any], allowed: list[str]) -> None:

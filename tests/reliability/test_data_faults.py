@@ -175,7 +175,7 @@ def test_manifest_checksum_mismatch(dataset, tmp_path, capsys):
            "one-line error naming the shard, before training", True, REFUSED, secs, DETECT,
            "test_manifest_checksum_mismatch")
     msg, _ = _refused(capsys, cfg, "data.verify_checksums=0")
-    assert msg.startswith("data.verify_checksums: Input should be a valid boolean")
+    assert msg.startswith("data.verify_checksums: must be true or false, got 0")
     code, err, _ = cli(capsys, "train", str(cfg), "data.verify_checksums=false", "--no-ray")
     assert code == 0, err
 
