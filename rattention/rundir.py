@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rattention import metrics as M
-from rattention.checkpoint import STATE_FILE, LocalCheckpointer
+from rattention.checkpoint import STATE_FILE, LocalCheckpointer, is_complete
 from rattention.errors import DataError
 from rattention.run_config import RunConfig, dump_run_config, load_run_config
 
@@ -64,7 +64,8 @@ class RunDir:
             return local[-1]
         # Ray names checkpoint folders by time, so the name order is the save order.
         ray = sorted(self.ray_storage.glob(f"*/checkpoint_*/{STATE_FILE}"), key=lambda p: p.parent.name)
-        return ray[-1] if ray else None
+        complete = [p for p in ray if is_complete(p)]  # a save cut short is passed over
+        return complete[-1] if complete else None
 
     # ----- writing ---------------------------------------------------------------------------------
     def create(self, cfg: RunConfig, tags: dict[str, str], run_id: str) -> None:
@@ -137,10 +138,17 @@ class RunDir:
         """Logged rows by step, merged; where a resumed run logged a step twice, the later values win."""
         rows: dict[int, dict[str, Any]] = {}
         if self.metrics_path.is_file():
-            for line in self.metrics_path.read_text().splitlines():
-                if line.strip():
+            lines = self.metrics_path.read_text().splitlines()
+            for i, line in enumerate(lines):
+                if not line.strip():
+                    continue
+                try:
                     row = json.loads(line)
-                    rows.setdefault(int(row["step"]), {}).update(row)
+                except json.JSONDecodeError:
+                    if i == len(lines) - 1:  # the last line, torn by a kill or a full disk mid-append
+                        continue
+                    raise DataError(f"{self.metrics_path}: line {i + 1} is not valid JSON") from None
+                rows.setdefault(int(row["step"]), {}).update(row)
         return [rows[s] for s in sorted(rows)]
 
     def last_step(self) -> int | None:

@@ -156,3 +156,35 @@ def test_incomplete_file_under_a_checkpoint_name_is_passed_over(train_dataset, t
            "nothing (the preempted run had checkpointed step 8)", secs,
            "seconds of the resumed run, in-process, to its finish at step 12",
            "test_incomplete_file_under_a_checkpoint_name_is_passed_over")
+
+
+def test_a_torn_last_metrics_line_is_passed_over(tmp_path):
+    """Fault: the process died (or the disk filled) half-way through appending a metrics line. Recovery:
+    the run folder still reads; the rows before it stand, and a torn line elsewhere is one line naming it."""
+    from rattention.errors import DataError
+    from rattention.rundir import RunDir
+
+    rd = RunDir(tmp_path / "run")
+    rd.path.mkdir()
+    rd.metrics_path.write_text('{"step": 1, "train/loss": 4.0}\n{"step": 2, "train/loss": 3.5}\n{"step": 3, "tr')
+    assert [r["step"] for r in rd.metrics()] == [1, 2] and rd.last_step() == 2
+    rd.metrics_path.write_text('{"step": 1, "tr\n{"step": 2, "train/loss": 3.5}\n')
+    with pytest.raises(DataError, match="line 1 is not valid JSON"):
+        rd.metrics()
+
+
+def test_an_incomplete_ray_train_checkpoint_is_passed_over(tmp_path):
+    """Fault: a Ray Train checkpoint folder whose state.pt was cut short. Recovery: resume picks the newest
+    complete one."""
+    import torch
+
+    from rattention.rundir import RunDir
+
+    rd = RunDir(tmp_path / "run")
+    good = rd.ray_storage / "trial" / "checkpoint_2026-01-01_00-00-01" / "state.pt"
+    bad = rd.ray_storage / "trial" / "checkpoint_2026-01-01_00-00-02" / "state.pt"
+    for p in (good, bad):
+        p.parent.mkdir(parents=True)
+    torch.save({"step": 4}, good)
+    bad.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    assert rd.latest_checkpoint() == good
