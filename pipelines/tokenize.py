@@ -694,6 +694,10 @@ def _tokenize_to_shards(
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=n_actors, max_tasks_in_flight_per_actor=BLOCKS_PER_ACTOR),
             num_cpus=1,
+            # No actor restarts: with the tokenizer among its constructor arguments in the object store, a
+            # restartable actor makes Ray's core worker print an error-looking line on every job; a dead
+            # tokenizer fails the job instead, and the same command builds the dataset again (idempotent).
+            max_restarts=0,
         )
         vocab = tok.get_vocab_size()
         dtype = token_dtype(vocab)
