@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -178,15 +180,90 @@ def log_params(c: Any, run_id: str, params: dict[str, Any]) -> None:
         c.log_batch(run_id, params=items[i : i + 100])
 
 
+# ----- a server that goes away -------------------------------------------------------------------------
+
+STALL_S = 10.0  # a request pending this long makes the sink ask the server's /health (at most this often)
+FLUSH_S = 120.0  # how long the end of training waits for the rows still queued, while the server answers
+_warned: set[str] = set()
+
+
+def tracking_errors() -> tuple[type[BaseException], ...]:
+    """What an MLflow call raises when its server fails: MlflowException (retries exhausted, an error
+    answer), and OSError (``requests``' connection errors are OSErrors)."""
+    from mlflow.exceptions import MlflowException
+
+    return (MlflowException, OSError)
+
+
+def warn_lost(uri: str, reason: str) -> None:
+    """One warning line per server and process: the run goes on, its folder keeps everything."""
+    if uri in _warned:
+        return
+    _warned.add(uri)
+    print(f"warning: MLflow at {uri} stopped answering ({' '.join(reason.split())[:200]}); training goes on and "
+          "the run folder keeps every metric: `rattention import-run RUN_DIR` completes the MLflow run once the "
+          "server is back", file=sys.stderr, flush=True)
+
+
 class MlflowSink:
-    """A metrics sink for the training loop: ``sink(step, {name: value})`` logs one batch over HTTP."""
+    """A metrics sink for the training loop: ``sink(step, {name: value})`` queues a row, which a thread logs
+    over HTTP, so a slow or dead server never stalls a step. When the server stops answering (a request
+    fails after MLflow's retries, or hangs while ``/health`` gets no answer) the sink warns once, drops the
+    rows after it (the run folder keeps them) and says why in ``lost``. ``close()`` waits for the queue."""
 
     def __init__(self, uri: str, run_id: str):
         self.uri, self.run_id = uri, run_id
-        self._client = client(uri)
+        self.lost: str | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._sending_since: float | None = None  # when the request in flight began
+        self._checked = 0.0
 
     def __call__(self, step: int, metrics: dict[str, float]) -> None:
-        log_metrics(self._client, self.run_id, step, metrics)
+        if self.lost is not None:
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._send, name="mlflow-sink", daemon=True)
+            self._thread.start()
+        self._queue.put((step, dict(metrics), int(time.time() * 1000)))
+        self._check_stall()
+
+    def _send(self) -> None:
+        c = client(self.uri)
+        while (item := self._queue.get()) is not None:
+            if self.lost is None:
+                self._sending_since = time.monotonic()
+                try:
+                    log_metrics(c, self.run_id, *item)
+                except tracking_errors() as err:
+                    self._lose(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+                finally:
+                    self._sending_since = None
+
+    def _check_stall(self, after: float = STALL_S) -> None:
+        """A request pending for ``after`` s: ask ``/health`` (once per ``after`` s); no answer means lost."""
+        since, now = self._sending_since, time.monotonic()
+        if since is not None and now - since > after and now - self._checked > after:
+            self._checked = now
+            if not server_alive(self.uri):
+                self._lose(f"a request pending for {now - since:.0f} s and no answer at /health")
+
+    def _lose(self, reason: str) -> None:
+        if self.lost is None:
+            self.lost = reason
+            warn_lost(self.uri, reason)
+
+    def close(self) -> None:
+        """Wait until the queued rows are logged: while the server answers, for at most FLUSH_S."""
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        deadline = time.monotonic() + FLUSH_S
+        while self._thread.is_alive() and self.lost is None:
+            self._thread.join(0.5)
+            self._check_stall(after=1.0)  # training is over: waiting on a dead server costs a second, not ten
+            if time.monotonic() > deadline:
+                self._lose(f"rows still queued after {FLUSH_S:.0f} s")
 
 
 def log_metrics(c: Any, run_id: str, step: int, metrics: dict[str, Any], timestamp_ms: int | None = None) -> None:
@@ -207,20 +284,46 @@ def end_run(c: Any, run_id: str, status: str) -> None:
 
 
 def log_artifact(c: Any, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    """Upload a file to the run's artifacts through ``c``'s server. Not ``c.log_artifact``: MLflow caches
+    one artifact store per run id for the process, bound to the first server that logged it, so a run
+    logged again through a server restarted on another port would be sent to the dead one."""
     if Path(path).is_file():
-        c.log_artifact(run_id, str(path), artifact_path=artifact_path)
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        repo = get_artifact_repository(c.get_run(run_id).info.artifact_uri, tracking_uri=c.tracking_uri)
+        repo.log_artifact(str(path), artifact_path)
+
+
+@contextlib.contextmanager
+def quick_retries(retries: int = 3, backoff: int = 1) -> Iterator[None]:
+    """MLflow's HTTP retries cut, for the block, to ``retries`` with backoff ``backoff`` s (1, 2, 4 s: about
+    10 s in all, where the defaults wait about four minutes), unless the user set them: a command whose
+    server was just seen answering fails in seconds when it goes away. (MLflow reads them per request.)"""
+    names = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries), "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": str(backoff)}
+    mine = {k: v for k, v in names.items() if k not in os.environ}
+    os.environ.update(mine)
+    try:
+        yield
+    finally:
+        for k in mine:
+            os.environ.pop(k, None)
 
 
 class MlflowTracker:
     """The lifecycle's tracker (``rattention.lifecycle.Tracker``) on an MLflow server.
 
     Holds only the URI and the experiment, so it pickles to Ray workers; each process makes its client.
+    A server that does not answer never stops a run: each call first asks ``/health`` (a refused
+    connection answers at once, where MLflow's own retries would wait minutes), and a call that fails
+    warns once and sets ``lost`` to the reason, after which the tracker does nothing more; the lifecycle
+    then marks the run folder for ``rattention import-run``.
     """
 
     def __init__(self, uri: str, experiment: str, source: str | Path | None = None):
         self.uri, self.experiment = uri, experiment
         self.source = str(source) if source is not None else None  # the YAML the user wrote: under source/
         self._client: Any = None
+        self.lost: str | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"uri": self.uri, "experiment": self.experiment, "source": self.source}
@@ -234,30 +337,51 @@ class MlflowTracker:
             self._client = client(self.uri)
         return self._client
 
-    def start(self, name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
-        run_id = start_run(self.client, self.experiment, name, tags, params)
-        if self.source is not None:
-            log_artifact(self.client, run_id, self.source, artifact_path="source")
-        return run_id
+    def _call(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` when the server answers; None, with ``lost`` set, when it does not."""
+        if self.lost is not None:
+            return None
+        if not server_alive(self.uri):
+            self.lost = "no answer at /health"
+        else:
+            try:
+                return fn(*args)
+            except ConfigError:
+                raise  # the experiment is deleted: the user's to fix, before any compute
+            except tracking_errors() as err:
+                self.lost = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        warn_lost(self.uri, self.lost)
+        return None
+
+    def start(self, name: str, tags: dict[str, str], params: dict[str, Any]) -> str | None:
+        """The new run's id; None when the server does not answer (the run trains untracked)."""
+        def create() -> str:
+            run_id = start_run(self.client, self.experiment, name, tags, params)
+            if self.source is not None:
+                log_artifact(self.client, run_id, self.source, artifact_path="source")
+            return run_id
+
+        return self._call(create)
 
     def sink(self, run: str) -> MlflowSink:
         return MlflowSink(self.uri, run)
 
     def log_results(self, run: str, step: int, results: dict[str, Any]) -> None:
-        log_metrics(self.client, run, step, results)
+        self._call(log_metrics, self.client, run, step, results)
 
     def log_files(self, run: str, paths: list[Path]) -> None:
         for path in paths:
-            log_artifact(self.client, run, path)
+            self._call(log_artifact, self.client, run, path)
 
     def end(self, run: str, status: str) -> None:
-        end_run(self.client, run, status)
+        self._call(end_run, self.client, run, status)
 
     def close_stale(self, run: str) -> None:
         """Mark an earlier attempt's run KILLED when its process died and left it RUNNING."""
+        if not server_alive(self.uri):
+            return  # nothing to close where nothing answers; import-run ends it later
         try:
             if self.client.get_run(run).info.status == "RUNNING":
                 end_run(self.client, run, "KILLED")
         except Exception:  # noqa: BLE001 - a run deleted or on another server: nothing to close
             pass
-

@@ -15,6 +15,7 @@ tracker (MLflow, in ``pipelines.tracking``) is injected, so this module needs ne
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
@@ -38,6 +39,8 @@ _ROOT = Path(__file__).resolve().parent.parent
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR,
                errno.EFBIG}
 CODE_PACKAGES = ("kernels", "rattention")  # the code that decides what a run computes
+# meta.json key: why the tracker holds only part of this run (its server stopped answering); import-run clears it
+TRACKING_INCOMPLETE = "tracking_incomplete"
 
 # Fields that do not change what a run computes: where it is kept, tracked, scheduled and logged.
 _NOT_IDENTITY = {
@@ -104,12 +107,15 @@ def run_tags(cfg: RunConfig, dataset: str) -> dict[str, str]:
 class Tracker(Protocol):
     """Where a run is tracked besides its folder (MLflow, ``pipelines.tracking.MlflowTracker``).
 
-    It travels to workers, so it holds only what pickles (a URI, an experiment name).
+    It travels to workers, so it holds only what pickles (a URI, an experiment name). A tracker whose
+    server stops answering does not raise: it sets ``lost`` to the reason (``start`` returns None), and
+    the lifecycle records in the run folder that the run is to be imported (``TRACKING_INCOMPLETE``).
     """
 
     uri: str
+    lost: str | None
 
-    def start(self, name: str, tags: dict[str, str], params: dict[str, Any]) -> str: ...
+    def start(self, name: str, tags: dict[str, str], params: dict[str, Any]) -> str | None: ...
 
     def sink(self, run: str) -> Sink: ...
 
@@ -173,14 +179,22 @@ def train_and_evaluate(handle: RunHandle, checkpointer: Checkpointer | None = No
     rd = RunDir(handle.run_dir)
     rank, _ = rank_world()
     sinks: list[Sink] = []
+    tracked: Any = None  # the tracker's sink
     if rank == 0:
         rd.record_start()
         sinks = [rd.log_metrics]
         if handle.tracker is not None and handle.tracker_run:
-            sinks.append(handle.tracker.sink(handle.tracker_run))
+            tracked = handle.tracker.sink(handle.tracker_run)
+            sinks.append(tracked)
     ckpt = checkpointer or LocalCheckpointer(rd.checkpoints, keep=cfg.train.keep_checkpoints)
-    model, result = train(cfg, ckpt, sinks=sinks, stop_after=handle.stop_after, faults=Faults(**handle.faults),
-                          progress=handle.progress)
+    try:
+        model, result = train(cfg, ckpt, sinks=sinks, stop_after=handle.stop_after, faults=Faults(**handle.faults),
+                              progress=handle.progress)
+    finally:
+        if tracked is not None:
+            if hasattr(tracked, "close"):
+                tracked.close()  # the rows still queued for the server
+            mark_untracked(rd, getattr(tracked, "lost", None))
     results: dict[str, Any] = {"step": result.step, "tokens": result.tokens, M.TRAIN_THROUGHPUT: result.tokens_per_s}
     if rank == 0 and not result.stopped_early:
         if cfg.eval.enabled:
@@ -191,7 +205,14 @@ def train_and_evaluate(handle: RunHandle, checkpointer: Checkpointer | None = No
         rd.write_results(results)
         if handle.tracker is not None and handle.tracker_run:
             handle.tracker.log_results(handle.tracker_run, result.step, results)
+            mark_untracked(rd, handle.tracker.lost)
     return results, result.stopped_early
+
+
+def mark_untracked(rd: RunDir, reason: str | None) -> None:
+    """Record in the run folder that its tracker holds only part of it (``reason``: why), for import-run."""
+    if reason is not None and not rd.meta().get(TRACKING_INCOMPLETE):
+        rd.update_meta(**{TRACKING_INCOMPLETE: reason})
 
 
 def check_data(cfg: RunConfig) -> None:
@@ -262,8 +283,10 @@ def open_run(cfg: RunConfig, run_dir: str | Path | None, tracker: Tracker | None
     rd.create(cfg, all_tags, run_id)
     if tracker is not None:
         handle.tracker_run = tracker.start(rd.path.name, all_tags, cfg.flat())
-        rd.update_meta(mlflow_run_id=handle.tracker_run, tracking_uri=tracker.uri)
-        tracker.log_files(handle.tracker_run, [rd.config_path])
+        if handle.tracker_run is not None:
+            rd.update_meta(mlflow_run_id=handle.tracker_run, tracking_uri=tracker.uri)
+            tracker.log_files(handle.tracker_run, [rd.config_path])
+        mark_untracked(rd, tracker.lost)
     rd.set_status("RUNNING")
     return Opened(handle, False, {})
 
@@ -278,6 +301,13 @@ def close_run(handle: RunHandle, status: str, error: str | None = None, step: in
     if handle.tracker is not None and handle.tracker_run:
         handle.tracker.log_files(handle.tracker_run, [rd.metrics_path, rd.results_path])
         handle.tracker.end(handle.tracker_run, status if status != "RUNNING" else "KILLED")
+    if handle.tracker is not None:
+        with contextlib.suppress(OSError):  # a full disk keeps the folder as it is
+            mark_untracked(rd, handle.tracker.lost)
+        if rd.meta().get(TRACKING_INCOMPLETE):
+            say(f"warning: run {rd.path.name}: MLflow at {handle.tracker.uri} holds only part of it "
+                f"({rd.meta()[TRACKING_INCOMPLETE]}); its folder has everything: `rattention import-run "
+                f"{rd.path}` completes it once the server answers")
 
 
 def run(cfg: RunConfig, run_dir: str | Path | None = None, tracker: Tracker | None = None,

@@ -140,3 +140,61 @@ def remount(path: Path, size: str, read_only: bool = False) -> None:
     """Change a tmpfs mount's size (or make it writable): the space freed, as a user would."""
     opts = f"remount,size={size}" + (",ro" if read_only else ",rw")
     subprocess.run(["mount", "-o", opts, str(path)], check=True, capture_output=True, timeout=30)
+
+
+# ----- processes: the signal and worker faults ----------------------------------------------------------
+
+TAG_ENV = "RATTENTION_FAULT_TAG"  # set in a command's environment: every process it starts inherits it
+
+
+def sigint_default() -> None:
+    """In the child before exec: SIGINT back to its default. A shell's background job starts with SIGINT
+    ignored, its children inherit that, and Python would install no Ctrl-C handler; so the Ctrl-C tests
+    hold however pytest was launched."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def tagged(tag: str) -> list[tuple[int, str]]:
+    """(pid, command line) of every live process whose environment carries ``TAG_ENV=tag``: the command's
+    process tree, including what was re-parented when its parent exited (Ray's and MLflow's servers)."""
+    needle = f"{TAG_ENV}={tag}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if needle not in (proc / "environ").read_bytes().split(b"\0"):
+                continue
+            state = next((ln for ln in (proc / "status").read_text().splitlines() if ln.startswith("State:")), "")
+            if "Z" in state.split()[1:2]:  # a zombie holds nothing; its parent reaps it
+                continue
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        found.append((int(proc.name), cmd))
+    return found
+
+
+def wait_gone(tag: str, timeout: float = 60.0) -> list[tuple[int, str]]:
+    """Wait until no process carries ``tag``; return those left after ``timeout`` (empty when none)."""
+    deadline = time.monotonic() + timeout
+    while (left := tagged(tag)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+def titled(prefix: str) -> list[int]:
+    """Pids of the processes whose command line starts with ``prefix`` (a Ray worker running a task is
+    titled ``ray::<task name>``)."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if cmd.startswith(prefix):
+                out.append(int(proc.name))
+    return out
