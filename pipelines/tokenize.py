@@ -29,6 +29,7 @@ import sysconfig
 import tarfile
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -367,6 +368,13 @@ def doc_key(doc_id: str) -> str:
     return hashlib.sha1(doc_id.encode()).hexdigest()[:24]
 
 
+def _no_restarts() -> dict[str, Any]:
+    """The tokenizer actors' remote args: no restarts. With the tokenizer among its constructor arguments in
+    the object store, a restartable actor makes Ray's core worker print an error-looking line on every job;
+    a dead tokenizer fails the job instead, and the same command builds the dataset again (idempotent)."""
+    return {"max_restarts": 0}
+
+
 class TokenizeActor:
     """Ray Data actor: reads, decodes and tokenizes a batch of work items; one tokenizer per actor."""
 
@@ -682,23 +690,22 @@ def _tokenize_to_shards(
     try:
         rows = [{"items": block} for block in work_blocks(items, n_actors)]
         ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-        ds = ds.map_batches(
-            TokenizeActor,
-            fn_constructor_kwargs={
-                "tokenizer_json": tok.to_str(),
-                "text_field": cfg.text_field,
-                "parquet_column": cfg.parquet_column,
-                "val_fraction": cfg.val_fraction,
-            },
-            batch_size=None,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=n_actors, max_tasks_in_flight_per_actor=BLOCKS_PER_ACTOR),
-            num_cpus=1,
-            # No actor restarts: with the tokenizer among its constructor arguments in the object store, a
-            # restartable actor makes Ray's core worker print an error-looking line on every job; a dead
-            # tokenizer fails the job instead, and the same command builds the dataset again (idempotent).
-            max_restarts=0,
-        )
+        with warnings.catch_warnings():  # Ray 2.60 (pinned) deprecates remote args and names no replacement
+            warnings.filterwarnings("ignore", message=r"`ray_remote_args_fn` is deprecated")
+            ds = ds.map_batches(
+                TokenizeActor,
+                fn_constructor_kwargs={
+                    "tokenizer_json": tok.to_str(),
+                    "text_field": cfg.text_field,
+                    "parquet_column": cfg.parquet_column,
+                    "val_fraction": cfg.val_fraction,
+                },
+                batch_size=None,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=n_actors, max_tasks_in_flight_per_actor=BLOCKS_PER_ACTOR),
+                num_cpus=1,
+                ray_remote_args_fn=_no_restarts,
+            )
         vocab = tok.get_vocab_size()
         dtype = token_dtype(vocab)
         sink = ShardSink(tmp, cfg.shard_tokens, dtype)

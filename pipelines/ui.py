@@ -36,17 +36,25 @@ SWEEP_FILE = "sweep.json"  # sweeps.driver.SWEEP_FILE: its "storage" names the s
 
 # ----- the command a user pastes ---------------------------------------------------------------------
 
-def browse_command(store: str | Path) -> str:
-    """The one-line command that opens the MLflow UI on ``store``, as it works when pasted in this
-    shell: ``rattention`` when this interpreter's script is on PATH, else ``<python> -m rattention``;
-    paths relative to the current folder when they lie inside it."""
+def rattention_command() -> str:
+    """How to call this install's ``rattention`` when pasted in this shell: ``rattention`` when this
+    interpreter's script is on PATH, else ``<python> -m rattention``."""
     here = Path(sys.executable).parent / "rattention"
     found = shutil.which("rattention")
     if found is not None and Path(found).resolve() == here.resolve():
-        prefix = "rattention"
-    else:
-        prefix = f"{shlex.quote(_shown(Path(sys.executable).absolute()))} -m rattention"
-    return f"{prefix} ui --store {shlex.quote(_shown(Path(store).resolve()))}"
+        return "rattention"
+    return f"{shlex.quote(_shown(Path(sys.executable).absolute()))} -m rattention"
+
+
+def browse_command(store: str | Path) -> str:
+    """The one-line command that opens the MLflow UI on ``store``, as it works when pasted in this
+    shell; paths relative to the current folder when they lie inside it."""
+    return f"{rattention_command()} ui --store {shlex.quote(shown_path(store))}"
+
+
+def shown_path(path: str | Path) -> str:
+    """``path`` as a user would type it here: relative to the current folder when inside it."""
+    return _shown(Path(path).resolve())
 
 
 def _shown(path: Path) -> str:

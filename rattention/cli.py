@@ -1,4 +1,4 @@
-"""The command line: ``rattention data|train|eval|import-run|sweep|report|ui|demo``.
+"""The command line: ``rattention data|train|eval|import-run|sweep|import-sweep|report|ui|demo``.
 
 This is the one module that reaches every package (the demo composes them); nothing imports it.
 Heavy imports (ray, mlflow, optuna) happen inside the commands, so ``--help`` stays fast.
@@ -6,7 +6,6 @@ Heavy imports (ray, mlflow, optuna) happen inside the commands, so ``--help`` st
 
 from __future__ import annotations
 
-import json
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -223,6 +222,11 @@ def import_run_cmd(
     print(f"MLflow run {import_run(run_dir, uri, experiment)}")
 
 
+class SweepRunner(StrEnum):
+    ray = "ray"
+    local = "local"
+
+
 @app.command()
 def sweep(
     spec: Path = typer.Argument(..., help="Sweep spec YAML (see sweeps/)."),
@@ -231,19 +235,47 @@ def sweep(
     resume: bool = typer.Option(False, "--resume", help="Continue the sweep's study: finished trials are "
                                 "not re-run, interrupted ones resume from their checkpoints."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (trials, resources, cost); run nothing."),
+    runner: SweepRunner = typer.Option(SweepRunner.ray, "--runner", help="ray: trials as Ray tasks, tracked in "
+                                       "MLflow; local: trial subprocesses on this machine with neither Ray nor "
+                                       "MLflow (import the sweep folder later with import-sweep)."),
+    gpus: int = typer.Option(None, "--gpus", help="With --runner local: run one trial per GPU on this many GPUs "
+                             "(default: 1 when the spec's trials ask for a GPU, else 0: one after another)."),
 ) -> None:
     """Search for the minimal window per local kind against full attention (or a Pareto study): trials
-    in parallel on Ray, every point an Optuna trial, everything in MLflow."""
+    in parallel on Ray, every point an Optuna trial, everything in MLflow (or with --runner local, trials
+    in subprocesses here and a sweep folder to import)."""
+    from sweeps.driver import check_flags
     from sweeps.driver import sweep as run_sweep
     from sweeps.spec import load_spec
 
+    check_flags(runner.value, address, gpus)
     loaded = load_spec(spec, overrides or [])
     try:
-        run_sweep(loaded, address=address, resume=resume, dry_run=dry_run)
+        run_sweep(loaded, address=address, resume=resume, dry_run=dry_run, runner=runner.value, gpus=gpus)
     except KeyboardInterrupt:
-        print(f"interrupted: sweep stopped, its parent run marked KILLED; `rattention sweep {spec} --resume` "
-              "continues it", file=sys.stderr)
+        left = ("its parent run marked KILLED" if runner is SweepRunner.ray else
+                "its running trials stopped and their run folders marked KILLED")
+        again = "" if runner is SweepRunner.ray else " --runner local"
+        print(f"interrupted: sweep stopped, {left}; `rattention sweep {spec}{again} --resume` continues it",
+              file=sys.stderr)
         raise typer.Exit(130) from None
+
+
+@app.command("import-sweep")
+def import_sweep_cmd(
+    folder: Path = typer.Argument(..., metavar="SWEEP_FOLDER", help="A sweep folder written by `rattention "
+                                  "sweep --runner local` (its sweep.json, answer.json, trials.csv and runs/)."),
+    uri: str = typer.Option(None, "--tracking-uri", help="MLflow server (default: MLFLOW_TRACKING_URI, else a "
+                            "local server over the runs' tracking.server_dir, .mlflow)."),
+) -> None:
+    """Log a sweep run without MLflow into MLflow: one parent run (spec, answer, trials) with a child run per
+    trial (import-run of each run folder; those imported before are kept). Then `rattention report` works."""
+    from pipelines.import_run import import_sweep
+
+    out = import_sweep(folder, uri)
+    print(f"MLflow parent run {out['parent_run_id']} in experiment {out['experiment']!r}: {out['children']} trial "
+          f"runs ({out['imported']} imported now)")
+    print(f"next: rattention report {out['parent_run_id']}" + (f" --tracking-uri {uri}" if uri else ""))
 
 
 @app.command()
@@ -324,6 +356,7 @@ class Profile(StrEnum):
 
 
 DEMO_SPECS = {Profile.full: "demo.yaml", Profile.smoke: "demo-smoke.yaml"}  # in sweeps/
+SMOKE_FILES = 200  # the smoke profile tokenizes this many stdlib files, not all
 
 
 @app.command()
@@ -362,14 +395,15 @@ def _demo(profile: Profile, workdir: Path) -> None:
     from pipelines import tracking
     from pipelines.ray_utils import init_ray
     from pipelines.tokenize import make_config, prepare
+    from rattention.run_config import load_run_config
 
+    lm = load_run_config(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml")
+    corpus = make_config(out=data, sources=["stdlib"], vocab_size=lm.model.vocab_size,
+                         max_files=SMOKE_FILES if profile is Profile.smoke else None)
     with tracking.tracking_uri(None, store) as uri:  # one server for the sweep and the report
         print(f"[1/3] tokenizing the standard library into {data} (a Ray Data job)", flush=True)
         init_ray()
-        how = spec.data.prepare if spec.data is not None and spec.data.prepare is not None else \
-            {"sources": ["stdlib"], "vocab_size": spec.base_config().model.vocab_size}
-        prepare(make_config(out=data, **how))
-        spec = load_spec(spec_path, [*spec_args[0], *_demo_data(spec, data)], spec_args[1])
+        prepare(corpus)
 
         from sweeps.driver import sweep as run_sweep
 
@@ -382,22 +416,21 @@ def _demo(profile: Profile, workdir: Path) -> None:
         print("[3/3] building the report", flush=True)
         report = build_report(uri, summary["parent_run_id"], Path(summary["folder"]) / "report")
 
-    from pipelines.ui import browse_command
+    from pipelines.ui import browse_command, rattention_command, shown_path
 
-    print(f"\ndemo ({profile.value}) done in {time.perf_counter() - t0:.0f} s")
+    here = work == Path.cwd().resolve()
+    sweep_data = Path(summary["folder"]) / "data"
+    store_arg = "" if here else f" tracking.server_dir={shown_path(store)}"
+    cmd = rattention_command()
+    print(f"\n{summary['table']}\n")
+    print(f"demo ({profile.value}) done in {time.perf_counter() - t0:.0f} s")
     print(f"report: {report}   (a standalone page: open it in a browser)")
     print(f"browse the runs and their artifacts in MLflow: {browse_command(store)}")
-    print("train one more run on the same data: rattention train configs/demo.yaml model.window=64"
-          + ("" if work == Path.cwd().resolve() else f" data.path={data}"))
-
-
-def _demo_data(spec, data: Path) -> list[str]:
-    """Spec overrides that point the sweep at the dataset the demo tokenized (instead of its own copy)."""
-    if spec.data is None or spec.data.prepare is not None:
-        return [f"data={{path: {json.dumps(str(data))}}}"]
-    if spec.data.synth is not None and "like" in spec.data.synth:
-        return [f"data.synth.like={json.dumps(str(data))}"]
-    return []
+    print("next:")
+    print(f"  {cmd} train {shown_path(spec.base)} data.path={shown_path(sweep_data)} model.kind=swa "
+          f"model.window={max(spec.windows())}{store_arg}   # one more point on the sweep's data, same MLflow")
+    print(f"  {cmd} train configs/demo.yaml{'' if here else f' data.path={shown_path(data)}'}{store_arg}"
+          "   # a language model on the tokenized standard library")
 
 
 def main(argv: list[str] | None = None) -> None:
