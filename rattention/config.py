@@ -45,9 +45,10 @@ class ModelConfig(Schema):
     tie_embeddings: bool = True
     dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
     seq_len: int = 512  # training context length
-    # Starting value of the RLA branch's output-norm scale. The paper uses 1.0; in our short
-    # small-scale runs 1.0 cost 0.8 nats against SWA while 0.0 matched it, hence the default.
-    rla_norm_init: float = 0.0
+    # Starting value of the RLA branch's output-norm scale: the paper's 1.0. From 0 the branch's q and k
+    # get no gradient, and on every copy beyond the window it stayed at SWA's chance; 1.0 learned it, at a
+    # cost of about 0.2 nats of small-scale text loss (benchmarks/rla_norm_init.md). 0 switches it off.
+    rla_norm_init: float = 1.0
     # Ablation: give the swa kind RAttention's per-head output norm (no linear branch), to isolate
     # the linear branch's own effect.
     swa_output_norm: bool = False

@@ -156,10 +156,10 @@ def test_param_count_and_rattention_adds_only_two_scales():
 
 
 def test_rla_norm_init_is_a_config_field():
-    assert LM(tiny(kind="rattention")).blocks[0].attn.norm_rla.abs().max() == 0  # default 0.0
-    paper = LM(tiny(kind="rattention", rla_norm_init=1.0))
+    paper = LM(tiny(kind="rattention"))  # the default is the paper's start, 1.0
     assert torch.equal(paper.blocks[0].attn.norm_rla, torch.ones(4, 8, dtype=torch.float64))
     assert torch.equal(paper.blocks[0].attn.norm_swa, torch.ones(4, 8, dtype=torch.float64))
+    assert LM(tiny(kind="rattention", rla_norm_init=0.0)).blocks[0].attn.norm_rla.abs().max() == 0
 
 
 def test_generate_greedy_matches_argmax():
