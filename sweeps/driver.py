@@ -9,6 +9,11 @@ resumes from its checkpoint. That is what makes ``--resume`` after a killed driv
 that finished. MLflow holds one experiment per study, a parent run per sweep and a child run per
 trial.
 
+Where there is no Ray (``--runner local``, ``sweeps.runner.LocalRunner``) the same search, study and run
+folders come from trial subprocesses on this machine, one at a time or one per GPU, with no MLflow: the
+sweep folder's record says it needs importing, and ``rattention import-sweep`` logs it as a parent run
+with its child runs. The runner is all that differs: it starts a trial and waits for one to finish.
+
 ``minimal-window``: the full baseline over the seeds sets the bar (``sweeps.search.Bar``); then, for
 each local kind side by side, a k-ary search on the grid (``sweeps.search.next_windows``) finds the
 smallest window whose mean objective over the seeds passes it.
@@ -26,6 +31,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -39,38 +45,18 @@ from rattention import metrics as M
 from rattention.errors import ConfigError, RattentionError
 from rattention.lifecycle import first_line
 from rattention.run_config import flatten
+from sweeps.runner import LocalRunner, Outcome, RayRunner, Runner, run_trial  # noqa: F401 - run_trial: the trial
 from sweeps.search import Bar, answer, next_windows, point_bound
 from sweeps.spec import SweepSpec
 
 BASELINE = "full"
-SWEEP_FILE = "sweep.json"  # the sweep folder's record: parent MLflow run, tracking URI, study
+RUNNERS = ("ray", "local")
+SWEEP_FILE = "sweep.json"  # the sweep folder's record: runner, parent MLflow run (or needs_import), study
 LOCK_FILE = "driver.lock"
 
 
 def say(line: str) -> None:
     print(line, flush=True)
-
-
-# ----- one trial: a Ray task that runs the lifecycle ------------------------------------------------------
-
-def run_trial(config: dict[str, Any], uri: str, experiment: str, tags: dict[str, str]) -> dict[str, Any]:
-    """One trial, where Ray placed it: the lifecycle with MLflow tracking. Its results come back
-    through Ray, with the run's id, folder and MLflow run."""
-    from pipelines.tracking import MlflowTracker
-    from rattention import lifecycle
-    from rattention.run_config import parse_run_config
-
-    cfg = parse_run_config(config)
-    rd = lifecycle.locate(cfg)
-    before = int(rd.meta().get("starts", 0)) if rd.exists() else 0
-    results, error = {}, None
-    try:
-        results = lifecycle.run(cfg, tracker=MlflowTracker(uri, experiment), tags=tags, progress=False)
-    except Exception as err:  # noqa: BLE001 - the trial FAILs with its reason; its run is marked FAILED
-        error = lifecycle.first_line(err) or type(err).__name__
-    meta = rd.meta() if rd.exists() else {}
-    return {"results": results, "error": error, "run_id": meta.get("run_id"), "run_dir": str(rd.path.resolve()),
-            "mlflow_run_id": meta.get("mlflow_run_id"), "trained": int(meta.get("starts", 0)) > before}
 
 
 @dataclass
@@ -217,25 +203,36 @@ class KindAnswer:
 
 
 class Sweep:
-    """One sweep: its study, its trials on Ray, its MLflow parent run and its answer."""
+    """One sweep: its study, its trials (through a runner), its MLflow parent run and its answer.
 
-    def __init__(self, spec: SweepSpec, uri: str, data_path: str | None, resume: bool, progress: bool = True):
+    ``uri`` None: no MLflow (the local runner); the sweep folder's record then says it needs importing."""
+
+    def __init__(self, spec: SweepSpec, uri: str | None, data_path: str | None, resume: bool, progress: bool = True,
+                 runner: Runner | None = None):
         self.spec, self.uri, self.data_path, self.progress = spec, uri, data_path, progress
         self.folder = spec.folder()
+        self.runner: Runner = runner if runner is not None else RayRunner(spec, uri)
         self.study = Study(spec, resume)
         self.metric = spec.objective.metric
         self.t0 = time.perf_counter()
         self.done = 0
         self.trained = 0
         self.bound = spec.estimate()["trials"]  # trials at most, budget included
+        self.untracked: list[str] = []  # trial folders MLflow holds only part of (its server stopped answering)
         self.parent = self._open_parent(resume)
 
     # ----- tracking ------------------------------------------------------------------------------------
-    def _open_parent(self, resume: bool) -> str:
+    def _open_parent(self, resume: bool) -> str | None:
+        record = self.folder / SWEEP_FILE
+        if self.uri is None:  # no MLflow here: the record says so, and keeps an earlier import's parent run
+            old = json.loads(record.read_text()) if resume and record.is_file() else {}
+            keep = {k: old[k] for k in ("parent_run_id", "tracking_uri") if old.get(k)}
+            _write_record(record, {"runner": self.runner.name, "needs_import": True, "study": self.spec.name,
+                                   "storage": self.spec.storage_url(), "status": "RUNNING", **keep})
+            return None
         from pipelines import tracking
 
         c = tracking.client(self.uri)
-        record = self.folder / SWEEP_FILE
         if resume and record.is_file():
             old = json.loads(record.read_text()).get("parent_run_id")
             with contextlib.suppress(Exception):  # found only on the same store (a local server's port changes)
@@ -245,17 +242,19 @@ class Sweep:
         tags = {M.TAG_STUDY: self.spec.name, M.TAG_SWEEP_MODE: self.spec.mode, M.TAG_SOURCE: "sweep"}
         parent = tracking.start_run(c, self.spec.name, f"sweep-{self.spec.name}", tags,
                                     flatten(self.spec.model_dump(mode="json")))
-        record.write_text(json.dumps({"parent_run_id": parent, "tracking_uri": self.uri, "study": self.spec.name,
-                                      "storage": self.spec.storage_url()}, indent=2) + "\n")
+        _write_record(record, {"runner": self.runner.name, "parent_run_id": parent, "tracking_uri": self.uri,
+                               "study": self.spec.name, "storage": self.spec.storage_url()})
         return parent
 
     def trial_tags(self, job: Job) -> dict[str, str]:
-        return {M.TAG_PARENT: self.parent, M.TAG_STUDY: self.spec.name, M.TAG_TRIAL: str(job.number),
-                M.TAG_SOURCE: "sweep"}
+        """The trial run's sweep tags; without MLflow, the parent's is added by ``rattention import-sweep``."""
+        parent = {M.TAG_PARENT: self.parent} if self.parent is not None else {}
+        return {**parent, M.TAG_STUDY: self.spec.name, M.TAG_TRIAL: str(job.number), M.TAG_SOURCE: "sweep"}
 
     # ----- running trials ------------------------------------------------------------------------------
     def run_jobs(self, jobs: list[Job]) -> None:
-        """Evaluate ``jobs`` on Ray, at most ``parallel`` at once; a point already told is not re-run."""
+        """Evaluate ``jobs`` through the runner, as many at once as it has slots; a point already told is not
+        re-run."""
         queue: deque[Job] = deque()
         for job in jobs:
             old = self.study.find(job)
@@ -285,68 +284,75 @@ class Sweep:
         self._pump(next_job)
 
     def _pump(self, next_job: Callable[[], Job | None]) -> None:
-        """Keep up to ``parallel`` trials in flight, taking each from ``next_job`` (None: no more), until
-        all have finished; on Ctrl-C mark the running ones KILLED."""
-        import ray
-
+        """Keep up to the runner's slots (``parallel`` on Ray) of trials in flight, taking each from
+        ``next_job`` (None: no more), until all have finished; on Ctrl-C stop them and mark them KILLED."""
         in_flight: dict[Any, Job] = {}
         try:
             while True:
-                while len(in_flight) < self.spec.parallel and (job := next_job()) is not None:
+                while len(in_flight) < self.runner.slots and (job := next_job()) is not None:
                     cfg = self.spec.trial_config(job.kind, job.window, job.seed, self.data_path, self.folder / "runs")
                     in_flight[self.submit(job, cfg)] = job
                 if not in_flight:
                     return
-                ready, _ = ray.wait(list(in_flight), num_returns=1)
-                for ref in ready:
-                    self._finish(in_flight.pop(ref), ref)
+                for handle, outcome in self.runner.wait(list(in_flight)):
+                    self._finish(in_flight.pop(handle), outcome)
         except KeyboardInterrupt:
             self._stop(in_flight)
             raise
 
     def _stop(self, in_flight: dict[Any, Job]) -> None:
-        """Mark what the running trials leave behind (run folder, MLflow run) KILLED; their workers end with
-        this driver's job. Not ``ray.cancel``: with a reply in flight, Ray 2.60's core worker can abort the
-        driver on a failed check ("Tried to complete task that was not pending"), seen twice under load."""
-        from pipelines import tracking
+        """Stop the running trials (the runner's way; Ray's workers end with this driver's job), then mark
+        what they leave behind (run folder, MLflow run) KILLED."""
+        self.runner.stop(list(in_flight))
+        for job in in_flight.values():
+            self._close_left_running(job, "KILLED", "interrupted")
+
+    def _close_left_running(self, job: Job, status: str, error: str) -> Any:
+        """The trial's run folder and MLflow run, when its process died and left them RUNNING: ``status``.
+        Returns the run folder when there is one."""
         from rattention import lifecycle
 
-        c = tracking.client(self.uri)
-        for job in in_flight.values():
-            with contextlib.suppress(Exception):
-                rd = lifecycle.locate(self.spec.trial_config(job.kind, job.window, job.seed, self.data_path,
-                                                             self.folder / "runs"))
-                if rd.exists() and rd.status().get("status") == "RUNNING":
-                    rd.set_status("KILLED", error="interrupted")
-                run = rd.meta().get("mlflow_run_id")
-                if run and c.get_run(run).info.status == "RUNNING":
-                    tracking.end_run(c, run, "KILLED")
+        rd = None
+        with contextlib.suppress(Exception):
+            rd = lifecycle.locate(self.spec.trial_config(job.kind, job.window, job.seed, self.data_path,
+                                                         self.folder / "runs"))
+            if not rd.exists():
+                return None
+            if rd.status().get("status") == "RUNNING":
+                rd.set_status(status, error=error)
+            run = rd.meta().get("mlflow_run_id")
+            if self.uri is not None and run:
+                from pipelines import tracking
+
+                if tracking.server_alive(self.uri):
+                    c = tracking.client(self.uri)
+                    if c.get_run(run).info.status == "RUNNING":
+                        tracking.end_run(c, run, status)
+        return rd if rd is not None and rd.exists() else None
 
     def submit(self, job: Job, cfg: Any) -> Any:
-        """Start the trial as a Ray task with the spec's resources; a worker that dies is retried once."""
-        import ray
-
-        task = ray.remote(run_trial).options(
-            num_cpus=self.spec.resources.cpus, num_gpus=self.spec.resources.gpus, max_retries=1,
-            retry_exceptions=False, name=f"trial-{job.number}-{job.kind}-w{job.window}-s{job.seed}")
-        return task.remote(cfg.to_dict(), self.uri, self.spec.name, self.trial_tags(job))
+        """Start the trial through the runner (on Ray: a task with the spec's resources, retried once if its
+        worker dies; locally: a subprocess); return its handle."""
+        label = f"trial-{job.number}-{job.kind}" + ("" if job.window is None else f"-w{job.window}") + f"-s{job.seed}"
+        return self.runner.start(label, cfg.to_dict(), self.trial_tags(job))
 
     def over_budget(self) -> bool:
         return self.spec.budget is not None and self.study.count() >= self.spec.budget
 
-    def _finish(self, job: Job, ref: Any) -> None:
-        import ray
-
-        out: dict[str, Any] = {}
-        try:
-            out = ray.get(ref)
-        except ray.exceptions.RayTaskError as err:
-            job.error = first_line(err.cause if isinstance(err.cause, BaseException) else err)
-        except ray.exceptions.RayError as err:  # the worker died (after Ray's retry), ran out of memory, ...
-            job.error = f"the trial's worker died ({type(err).__name__}: {first_line(err)})"
+    def _finish(self, job: Job, outcome: Outcome) -> None:
+        out: dict[str, Any] = outcome.result or {}
+        if outcome.result is None:
+            job.error = outcome.error or "the trial returned nothing"
+            rd = self._close_left_running(job, "FAILED", job.error) if outcome.died else None
+            if rd is not None:  # its folder, for the record (and import-sweep)
+                meta = rd.meta()
+                job.info = {"run_id": meta.get("run_id"), "run_dir": str(rd.path.resolve()),
+                            "mlflow_run_id": meta.get("mlflow_run_id")}
         else:
             job.info = {k: out[k] for k in ("run_id", "run_dir", "mlflow_run_id")}
             self.trained += int(out["trained"])
+            if out.get("tracking_incomplete"):
+                self.untracked.append(out["run_dir"])
             value = out["results"].get(self.metric)
             if out["error"]:
                 job.error = out["error"]
@@ -469,45 +475,82 @@ class Sweep:
                          "window": t.user_attrs.get("window"), "seed": t.user_attrs.get("seed"),
                          "value": t.values[0] if t.values else None,
                          "fail_reason": t.user_attrs.get("fail_reason"), "run_id": t.user_attrs.get("run_id"),
-                         "mlflow_run_id": t.user_attrs.get("mlflow_run_id")})
+                         "mlflow_run_id": t.user_attrs.get("mlflow_run_id"), "run_dir": t.user_attrs.get("run_dir")})
         return rows
 
     def close(self, status: str, summary: dict[str, Any] | None) -> None:
+        """Write the sweep's files (trials.csv, spec.yaml, answer.json, summary.md), then log them on the
+        parent run and end it. A server that does not answer costs the MLflow side only: the files stay in
+        the folder, one warning line says so, and ``--resume`` once it answers logs them (training
+        nothing). Trial folders it holds only part of are imported then (``rattention import-run``).
+        Without MLflow (the local runner) the folder's record keeps the status for ``rattention import-sweep``."""
+        rows = self.trials_table()
+        files = {"trials.csv": None, "spec.yaml": None}
+        _write_csv(self.folder / "trials.csv", rows)
+        (self.folder / "spec.yaml").write_text(yaml.safe_dump(self.spec.model_dump(mode="json"), sort_keys=False))
+        if summary is not None:
+            (self.folder / "answer.json").write_text(json.dumps(summary, indent=2) + "\n")
+            (self.folder / "summary.md").write_text(summary["table"] + "\n")
+            files.update({"answer.json": None, "summary.md": None})
+            if "pareto_front" in summary:
+                (self.folder / "pareto_front.json").write_text(json.dumps(summary["pareto_front"], indent=2))
+                files["pareto_front.json"] = None
+        if self.uri is None:
+            record = self.folder / SWEEP_FILE
+            _write_record(record, {**json.loads(record.read_text()), "status": status, "needs_import": True})
+            return
         from pipelines import tracking
 
+        if not tracking.server_alive(self.uri):
+            print(f"warning: MLflow at {self.uri} does not answer: the sweep's parent run {self.parent} is not "
+                  f"updated; its files are in {self.folder}. Once the server answers, `rattention sweep SPEC "
+                  "--resume` logs them and imports the trials' runs, training nothing", file=sys.stderr, flush=True)
+            return
         c = tracking.client(self.uri)
-        with contextlib.suppress(Exception):
-            rows = self.trials_table()
-            _write_csv(self.folder / "trials.csv", rows)
-            tracking.log_artifact(c, self.parent, self.folder / "trials.csv")
-            (self.folder / "spec.yaml").write_text(yaml.safe_dump(self.spec.model_dump(mode="json"), sort_keys=False))
-            tracking.log_artifact(c, self.parent, self.folder / "spec.yaml")
+        try:
+            self._import_untracked(rows)
+            for name in files:
+                tracking.log_artifact(c, self.parent, self.folder / name)
             if summary is not None:
-                (self.folder / "answer.json").write_text(json.dumps(summary, indent=2) + "\n")
-                tracking.log_artifact(c, self.parent, self.folder / "answer.json")
-                (self.folder / "summary.md").write_text(summary["table"] + "\n")
-                tracking.log_artifact(c, self.parent, self.folder / "summary.md")
-                if "pareto_front" in summary:
-                    (self.folder / "pareto_front.json").write_text(json.dumps(summary["pareto_front"], indent=2))
-                    tracking.log_artifact(c, self.parent, self.folder / "pareto_front.json")
                 metrics = {M.SWEEP_TRIALS: float(len(rows)), M.SWEEP_WALL_S: time.perf_counter() - self.t0}
                 for k in summary.get("kinds", []):
                     if k["minimal"] is not None:
                         metrics[M.sweep_minimal_window(k["kind"])] = float(k["minimal"])
                 tracking.log_metrics(c, self.parent, 0, metrics)
                 c.set_tag(self.parent, M.TAG_SWEEP_ANSWER, summary["answer_line"][:5000])
-        tracking.end_run(c, self.parent, status)
+            tracking.end_run(c, self.parent, status)
+        except tracking.tracking_errors() as err:
+            print(f"warning: MLflow at {self.uri} stopped answering ({first_line(err)[:200]}): the sweep's parent "
+                  f"run {self.parent} is not fully updated; its files are in {self.folder}", file=sys.stderr,
+                  flush=True)
+
+    def _import_untracked(self, rows: list[dict[str, Any]]) -> None:
+        """Complete in MLflow the trial runs its server missed part of (``rattention import-run``)."""
+        from pipelines.import_run import import_run
+        from rattention import lifecycle
+        from rattention.rundir import RunDir
+
+        dirs = dict.fromkeys([*self.untracked, *(r["run_dir"] for r in rows if r.get("run_dir"))])
+        for d in dirs:
+            if RunDir(d).exists() and RunDir(d).meta().get(lifecycle.TRACKING_INCOMPLETE):
+                import_run(d, self.uri, self.spec.name)
 
 
 # ----- entry point -----------------------------------------------------------------------------------------
 
 def sweep(spec: SweepSpec, address: str | None = None, resume: bool = False, dry_run: bool = False,
-          progress: bool = True) -> dict[str, Any]:
-    """Run (or with ``dry_run`` only print) the sweep; return its summary (also ``answer.json``)."""
+          progress: bool = True, runner: str = "ray", gpus: int | None = None) -> dict[str, Any]:
+    """Run (or with ``dry_run`` only print) the sweep; return its summary (also ``answer.json``).
+
+    ``runner``: ``ray`` (trials as Ray tasks, everything in MLflow) or ``local`` (trial subprocesses on this
+    machine, one at a time or one per GPU of ``gpus``; neither Ray nor MLflow is imported)."""
+    check_flags(runner, address, gpus)
     if dry_run:
         text = plan(spec)
         print(text)
         return {"plan": text}
+    if runner == "local":
+        return _sweep_local(spec, resume, progress, gpus)
     from pipelines.ray_utils import check_reachable, cluster_address, init_ray
     from pipelines.tracking import check_uri, tracking_uri
     from rattention.rundir import ensure_folder
@@ -523,13 +566,13 @@ def sweep(spec: SweepSpec, address: str | None = None, resume: bool = False, dry
         if not torch.cuda.is_available():
             raise ConfigError(f"resources.gpus: trials ask for {spec.resources.gpus:g} GPU each; this machine has "
                               "no GPU (set resources.gpus=0, or --address to join a cluster with GPUs)")
-    for parent in (Path(spec.out_dir), *Path(spec.out_dir).parents):
-        if parent.exists() and not parent.is_dir():
-            raise ConfigError(f"out_dir: {parent} is a file, not a folder; choose another")
+    _check_out_dir(spec)
     if base.tracking.uri:
         check_uri(base.tracking.uri, "base config: tracking.uri")
+    _check_runner(spec.folder(), "ray", resume)
     folder = ensure_folder(spec.folder(), "out_dir")
-    with _driver_lock(folder), tracking_uri(base.tracking.uri, base.tracking.server_dir) as uri:
+    with _driver_lock(folder), _study_lock(spec, folder), tracking_uri(base.tracking.uri, base.tracking.server_dir) \
+            as uri:
         resources = init_ray(address, log_to_driver=False, logging_level="ERROR")
         check_cluster(spec, resources)
         data_path = build_data(spec, address)
@@ -539,25 +582,119 @@ def sweep(spec: SweepSpec, address: str | None = None, resume: bool = False, dry
                 f"{len(spec.windows())} windows {spec.windows()}, seeds {spec.seed_list()}, {spec.parallel} "
                 f"parallel on Ray ({resources.get('CPU', 0):.0f} CPUs); study {spec.storage_url()}; "
                 f"MLflow {uri} experiment {spec.name!r}")
-        status, summary = "FAILED", None
-        try:
-            if spec.mode == "pareto":
-                front = sw.pareto()
-                summary = summarise_pareto(sw, front)
-            else:
-                bar, answers = sw.minimal_window()
-                summary = summarise(sw, bar, answers)
-            summary.update(parent_run_id=sw.parent, experiment=spec.name, folder=str(folder))
-            status = "FINISHED"
-        except KeyboardInterrupt:
-            status = "KILLED"
-            raise
-        finally:
-            sw.close(status, summary)
+        return _drive(sw)
+
+
+def check_flags(runner: str, address: str | None, gpus: int | None) -> None:
+    """Flags that contradict each other, refused in one line before anything is read or started."""
+    if runner not in RUNNERS:
+        raise ConfigError(f"--runner: must be one of {', '.join(RUNNERS)}, got {runner!r}")
+    if runner == "local" and address is not None:
+        raise ConfigError("--address: joins a Ray cluster, and --runner local runs the trials on this machine "
+                          "without Ray; give one of the two")
+    if runner == "ray" and gpus is not None:
+        raise ConfigError("--gpus: goes with --runner local (one trial per GPU); on Ray each trial asks for the "
+                          "spec's resources.gpus")
+    if gpus is not None and gpus < 0:
+        raise ConfigError(f"--gpus: must be >= 0, got {gpus}")
+
+
+def _sweep_local(spec: SweepSpec, resume: bool, progress: bool, gpus: int | None) -> dict[str, Any]:
+    """``--runner local``: the sweep with trial subprocesses on this machine, no Ray and no MLflow."""
+    from rattention.rundir import ensure_folder
+
+    if spec.data is not None and spec.data.builder is not None:
+        raise ConfigError(f"data.{spec.data.builder}: --runner local builds no dataset (that is a Ray job); build "
+                          f"it where Ray runs (rattention data {spec.data.builder} ... --out DIR), bring it here and "
+                          "give data={path: DIR}")
+    n_gpus = _local_gpus(spec, gpus)
+    _check_out_dir(spec)
+    _check_runner(spec.folder(), "local", resume)
+    folder = ensure_folder(spec.folder(), "out_dir")
+    with _driver_lock(folder), _study_lock(spec, folder):
+        sw = Sweep(spec, None, build_data(spec, None), resume, progress, runner=LocalRunner(folder, n_gpus))
         if progress:
-            say("\n" + summary["table"])
-            say(f"\nstudy {spec.storage_url()}; MLflow parent run {sw.parent} in experiment {spec.name!r} at {uri}")
-        return summary
+            where = (f"one per GPU on {n_gpus} GPU{'s' if n_gpus > 1 else ''}" if n_gpus else "one at a time")
+            say(f"sweep {spec.name}: {spec.mode}, objective {sw.metric} ({spec.direction()}), "
+                f"{len(spec.windows())} windows {spec.windows()}, seeds {spec.seed_list()}; trials {where} in "
+                f"subprocesses here (--runner local, no MLflow); study {spec.storage_url()}")
+        return _drive(sw)
+
+
+def _drive(sw: Sweep) -> dict[str, Any]:
+    """Run the sweep's search through its runner, then write (and log) its files; return its summary."""
+    spec, folder = sw.spec, sw.folder
+    status, summary = "FAILED", None
+    try:
+        if spec.mode == "pareto":
+            front = sw.pareto()
+            summary = summarise_pareto(sw, front)
+        else:
+            bar, answers = sw.minimal_window()
+            summary = summarise(sw, bar, answers)
+        summary.update(parent_run_id=sw.parent, experiment=spec.name, folder=str(folder),
+                       untracked_runs=sw.untracked,  # trial folders MLflow missed part of
+                       runner=sw.runner.name)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        sw.close(status, summary)
+    if sw.progress:
+        say("\n" + summary["table"])
+        if sw.uri is None:
+            say(f"\nstudy {spec.storage_url()}; no MLflow here (--runner local): `rattention import-sweep "
+                f"{folder}` logs the sweep into MLflow as one parent run with its trials' runs")
+        else:
+            say(f"\nstudy {spec.storage_url()}; MLflow parent run {sw.parent} in experiment {spec.name!r} at "
+                f"{sw.uri}")
+    return summary
+
+
+def _check_out_dir(spec: SweepSpec) -> None:
+    for parent in (Path(spec.out_dir), *Path(spec.out_dir).parents):
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(f"out_dir: {parent} is a file, not a folder; choose another")
+
+
+def _local_gpus(spec: SweepSpec, gpus: int | None) -> int:
+    """How many of this machine's GPUs the local runner spreads trials over (0: none asked for)."""
+    asked = spec.resources.gpus
+    if asked > 1:
+        raise ConfigError(f"resources.gpus: --runner local gives each trial one GPU; the spec asks for {asked:g} "
+                          "per trial (set resources.gpus=1)")
+    if gpus == 0 and asked > 0:
+        raise ConfigError(f"--gpus: 0 given, but the spec's trials ask for a GPU each (resources.gpus={asked:g}); "
+                          "give --gpus N >= 1 or set resources.gpus=0")
+    n = gpus if gpus is not None else (1 if asked > 0 else 0)
+    if n > 0:
+        import torch
+
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n > have:
+            seen = f" (CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']})" \
+                if "CUDA_VISIBLE_DEVICES" in os.environ else ""
+            field_name = "--gpus" if gpus is not None else "resources.gpus"
+            raise ConfigError(f"{field_name}: {n} GPU{'s' if n > 1 else ''} asked for; this machine has {have}{seen}")
+    return n
+
+
+def _check_runner(folder: Path, runner: str, resume: bool) -> None:
+    """``--resume`` continues a sweep with the runner it began with (a local sweep has no MLflow runs to join)."""
+    record = folder / SWEEP_FILE
+    if not (resume and record.is_file()):
+        return
+    held = json.loads(record.read_text()).get("runner", "ray")
+    if held != runner:
+        raise ConfigError(f"--runner: sweep {folder} ran with --runner {held}; resume it with --runner {held}")
+
+
+def _write_record(path: Path, record: dict[str, Any]) -> None:
+    """The sweep folder's record (``sweep.json``), whole or not at all."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def build_data(spec: SweepSpec, address: str | None) -> str | None:
@@ -656,18 +793,44 @@ def summarise_pareto(sw: Sweep, front: list[dict[str, Any]]) -> dict[str, Any]:
 @contextlib.contextmanager
 def _driver_lock(folder: Path) -> Iterator[None]:
     """One driver per sweep folder: a second one is refused at once (an OS lock, freed if the driver dies)."""
-    f = (folder / LOCK_FILE).open("a+")
+    with _os_lock(folder / LOCK_FILE, f"{folder}: another sweep driver (pid {{pid}}) is running this sweep; "
+                  "wait for it, or stop it and pass --resume"):
+        yield
+
+
+@contextlib.contextmanager
+def _study_lock(spec: SweepSpec, folder: Path) -> Iterator[None]:
+    """One driver per study where its storage is a file (a journal, the default one in the sweep folder
+    included, or a SQLite file), which another spec with another ``out_dir`` may name too: a second driver
+    of the study, from any folder, is refused. A server RDB (PostgreSQL, MySQL) has no file to lock: two
+    sweeps of one study there are the user's to keep apart."""
+    url = spec.storage_url()
+    path = Path(url.split(":///", 1)[1]) if url.startswith("sqlite:///") else spec.journal_path()
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _os_lock(path.with_name(f"{path.name}.{spec.name}.{LOCK_FILE}"),
+                  f"storage: study {spec.name!r} in {url} is being run by another sweep driver (pid {{pid}}, "
+                  f"folder {{folder}}); wait for it, or stop it and pass --resume", folder):
+        yield
+
+
+@contextlib.contextmanager
+def _os_lock(path: Path, refusal: str, folder: Path | None = None) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` for the block (freed by the OS if the process dies); when
+    another process holds it, a ConfigError of ``refusal`` with its pid (and folder) filled in."""
+    f = path.open("a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
-        pid = f.read().strip() or "?"
+        pid, _, held_by = f.read().strip().partition(" ")
         f.close()
-        raise ConfigError(f"{folder}: another sweep driver (pid {pid}) is running this sweep; wait for it, "
-                          "or stop it and pass --resume") from None
+        raise ConfigError(refusal.replace("{pid}", pid or "?").replace("{folder}", held_by or "?")) from None
     f.seek(0)
     f.truncate()
-    f.write(str(os.getpid()))
+    f.write(f"{os.getpid()} {folder.resolve() if folder is not None else ''}".strip())
     f.flush()
     try:
         yield
