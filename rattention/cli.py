@@ -409,7 +409,7 @@ def _demo(profile: Profile, workdir: Path) -> None:
 
         print(f"[2/3] sweep {spec_path.relative_to(Path.cwd()) if spec_path.is_relative_to(Path.cwd()) else spec_path}"
               f" (trials already finished are reused)", flush=True)
-        summary = run_sweep(spec, resume=True)
+        summary = run_sweep(spec, resume=True, closing=False)
 
         from dashboards import build_report
 

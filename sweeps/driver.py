@@ -539,8 +539,11 @@ class Sweep:
 # ----- entry point -----------------------------------------------------------------------------------------
 
 def sweep(spec: SweepSpec, address: str | None = None, resume: bool = False, dry_run: bool = False,
-          progress: bool = True, runner: str = "ray", gpus: int | None = None) -> dict[str, Any]:
+          progress: bool = True, runner: str = "ray", gpus: int | None = None,
+          closing: bool = True) -> dict[str, Any]:
     """Run (or with ``dry_run`` only print) the sweep; return its summary (also ``answer.json``).
+    ``closing``: end the progress output with the answer table and where the study and runs are (a caller
+    that prints its own ending, the demo, turns it off).
 
     ``runner``: ``ray`` (trials as Ray tasks, everything in MLflow) or ``local`` (trial subprocesses on this
     machine, one at a time or one per GPU of ``gpus``; neither Ray nor MLflow is imported)."""
@@ -550,7 +553,7 @@ def sweep(spec: SweepSpec, address: str | None = None, resume: bool = False, dry
         print(text)
         return {"plan": text}
     if runner == "local":
-        return _sweep_local(spec, resume, progress, gpus)
+        return _sweep_local(spec, resume, progress, gpus, closing)
     from pipelines.ray_utils import check_reachable, cluster_address, init_ray
     from pipelines.tracking import check_uri, tracking_uri
     from rattention.rundir import ensure_folder
@@ -582,7 +585,7 @@ def sweep(spec: SweepSpec, address: str | None = None, resume: bool = False, dry
                 f"{len(spec.windows())} windows {spec.windows()}, seeds {spec.seed_list()}, {spec.parallel} "
                 f"parallel on Ray ({resources.get('CPU', 0):.0f} CPUs); study {spec.storage_url()}; "
                 f"MLflow {uri} experiment {spec.name!r}")
-        return _drive(sw)
+        return _drive(sw, closing)
 
 
 def check_flags(runner: str, address: str | None, gpus: int | None) -> None:
@@ -599,7 +602,8 @@ def check_flags(runner: str, address: str | None, gpus: int | None) -> None:
         raise ConfigError(f"--gpus: must be >= 0, got {gpus}")
 
 
-def _sweep_local(spec: SweepSpec, resume: bool, progress: bool, gpus: int | None) -> dict[str, Any]:
+def _sweep_local(spec: SweepSpec, resume: bool, progress: bool, gpus: int | None,
+                 closing: bool = True) -> dict[str, Any]:
     """``--runner local``: the sweep with trial subprocesses on this machine, no Ray and no MLflow."""
     from rattention.rundir import ensure_folder
 
@@ -618,10 +622,10 @@ def _sweep_local(spec: SweepSpec, resume: bool, progress: bool, gpus: int | None
             say(f"sweep {spec.name}: {spec.mode}, objective {sw.metric} ({spec.direction()}), "
                 f"{len(spec.windows())} windows {spec.windows()}, seeds {spec.seed_list()}; trials {where} in "
                 f"subprocesses here (--runner local, no MLflow); study {spec.storage_url()}")
-        return _drive(sw)
+        return _drive(sw, closing)
 
 
-def _drive(sw: Sweep) -> dict[str, Any]:
+def _drive(sw: Sweep, closing: bool = True) -> dict[str, Any]:
     """Run the sweep's search through its runner, then write (and log) its files; return its summary."""
     spec, folder = sw.spec, sw.folder
     status, summary = "FAILED", None
@@ -641,7 +645,7 @@ def _drive(sw: Sweep) -> dict[str, Any]:
         raise
     finally:
         sw.close(status, summary)
-    if sw.progress:
+    if sw.progress and closing:
         say("\n" + summary["table"])
         if sw.uri is None:
             say(f"\nstudy {spec.storage_url()}; no MLflow here (--runner local): `rattention import-sweep "
