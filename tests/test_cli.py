@@ -1,15 +1,12 @@
 """The command line as a user meets it, through the installed ``rattention`` console script: every failure
-is one line on stderr and no traceback; usage and config errors exit 2, Ctrl-C exits 130."""
+is one line on stderr and no traceback; usage and config errors exit 2. (Ctrl-C, exit 130:
+tests/reliability/test_signal_faults.py.)"""
 
 from __future__ import annotations
 
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import sysconfig
-import time
 from pathlib import Path
 
 import pytest
@@ -22,12 +19,6 @@ TINY = ROOT / "configs" / "tiny.yaml"
 def rattention(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([str(RATTENTION), *args], cwd=cwd, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "RAY_ADDRESS": ""})
-
-
-def sigint_default() -> None:
-    """In the child before exec. A shell's background job starts with SIGINT ignored, and its children
-    inherit that; Python then installs no Ctrl-C handler, and the SIGINT a test sends does nothing."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_console_script_is_installed():
@@ -81,40 +72,3 @@ def test_python_m_rattention_is_the_same_app():
     assert r.returncode == 2 and r.stderr == "error: No such command 'bogus'. Try 'rattention --help'.\n"
 
 
-def test_ctrl_c_is_one_line_exit_130_and_publishes_nothing(tmp_path):
-    """Ctrl-C during ``rattention data prepare`` on a real corpus (stdlib sources) once the job is under way
-    (its tokenizer trained, in the temp folder): one line, exit 130, and no dataset at the output path."""
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    # enough text that the job is still tokenizing when the Ctrl-C lands (200 top-level files once finished
-    # within the test's polling under CI load)
-    files = [f for f in sorted(stdlib.rglob("*.py")) if "test" not in f.parts and "site-packages" not in f.parts]
-    for i, f in enumerate(files[:800]):
-        shutil.copy(f, corpus / f"{i:04d}_{f.name}")
-    out = tmp_path / "ds"
-    err_path = tmp_path / "stderr.txt"
-    with open(err_path, "w") as err:
-        # its own session, so that the Ctrl-C goes to its whole process group, as a terminal sends it
-        proc = subprocess.Popen(
-            [str(RATTENTION), "data", "prepare", str(corpus), "--out", str(out), "--vocab-size", "300",
-             "--num-cpus", "1"],
-            cwd=tmp_path, env={**os.environ, "RAY_ADDRESS": ""}, stdout=subprocess.DEVNULL, stderr=err,
-            start_new_session=True, preexec_fn=sigint_default,
-        )
-        try:
-            deadline = time.monotonic() + 120
-            while not list(tmp_path.glob(".ds.tmp-*/tokenizer.json")):
-                assert proc.poll() is None and time.monotonic() < deadline, \
-                    f"the job never got under way (exit {proc.poll()}): {err_path.read_text()[-2000:]}"
-                time.sleep(0.05)
-            os.killpg(proc.pid, signal.SIGINT)
-            rc = proc.wait(timeout=120)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-    stderr = err_path.read_text()
-    assert rc == 130, stderr[-2000:]
-    assert "Traceback" not in stderr
-    assert stderr.splitlines()[-1] == "interrupted"  # Ray's own log lines may come before it
-    assert not out.exists() and not list(tmp_path.glob(".ds.tmp-*"))  # not published, temp folder removed
