@@ -255,15 +255,16 @@ def write_record(records: list[dict[str, Any]]) -> None:
     """``results/copy_window.json`` (every run's rows and provenance) and ``copy_window.md`` (a table per run)."""
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"benchmark": "copy window signal", "runs": records}) + "\n")
-    parts = ["# Copy task: the window signal", "",
-             "Answer loss (nats) and accuracy on held-out copy samples, mean ± sample sd over seeds; chance is "
+    parts = ["Answer loss (nats) and accuracy on held-out copy samples, mean ± sample sd over seeds; chance is "
              "ln 251 = 5.53 nats. Written by `benchmarks/bench_copy_window.py`.", ""]
     for rec in records:
         pv = rec["provenance"]
         parts += [f"## {rec.get('title', rec.get('command', ''))}", "",
                   f"{pv['device']}, torch {pv['torch']}, commit {pv['commit']}, {pv['date']}. "
                   f"`{rec.get('command', '')}`", "", summarise(rec["rows"]), ""]
-    TABLE.write_text("\n".join(parts))
+    from rattention.provenance import write_section
+
+    write_section(TABLE, "copy_window", "\n".join(parts), title="# Copy task: the window signal")
 
 
 def render(paths: list[Path], write: bool) -> None:
