@@ -118,9 +118,10 @@ def copy_distances(cfg: RunConfig) -> list[int]:
 # ----- synthetic tasks --------------------------------------------------------------------------------
 
 def _task_params(task: str, window: int) -> dict[str, Any]:
-    """Place evidence far back: MQAR gap past the window, needles/chains in the first half."""
-    return {"mqar": {"gap": window + 1, "num_pairs": 4}, "niah": {"depth": 0.1},
-            "passkey": {"depth": 0.1}, "vt": {"depth": (0.0, 0.3)}}.get(task, {})
+    """Place evidence far back: MQAR gap past the window, the copy's span + gap past it, needles/chains in the
+    first half."""
+    return {"mqar": {"gap": window + 1, "num_pairs": 4}, "copy": {"span": 16, "gap": max(0, window + 1 - 16)},
+            "niah": {"depth": 0.1}, "passkey": {"depth": 0.1}, "vt": {"depth": (0.0, 0.3)}}.get(task, {})
 
 
 @torch.no_grad()

@@ -142,3 +142,24 @@ def test_task_loss_names_parse_and_are_produced_with_the_accuracy() -> None:
     assert M.produced_by(name, ev, 130) == (True, "") and M.produced_by("eval/copy_loss_len260", ev, 130)[0]
     assert "add copy to eval.tasks" in M.produced_by(name, EvalConfig(), 130)[1]
     assert M.suggest("eval/copy_los_len130") == name
+
+
+@pytest.mark.parametrize("window", [8, 24])
+def test_copy_task_without_fixed_params_puts_its_evidence_past_the_window(train_dataset: Path, window: int) -> None:
+    from rattention.evaluate import task_metrics
+
+    def copier(lag: int):  # predicts the token ``lag`` positions back, over 64 ids
+        def model(tokens: torch.Tensor) -> torch.Tensor:
+            logits = torch.zeros(*tokens.shape, 64)
+            logits[:, lag:] = torch.nn.functional.one_hot(tokens[:, : tokens.shape[1] - lag], 64).float() * 50.0
+            return logits
+        return model
+
+    cfg = tiny_run_config(train_dataset, "eval.tasks=[copy]", "eval.task_lengths=[1]", "model.seq_len=64",
+                          f"model.window={window}")
+    w = cfg.model.window
+    d = max(16, w + 1)  # a 16-token span, then filler up to w + 1 tokens: the evidence lies past the window
+    out = task_metrics(copier(d), cfg, eos_id=0, vocab_size=64)
+    assert out[M.task_accuracy("copy", 64)] == 1.0 and out[M.task_loss("copy", 64)] == pytest.approx(0, abs=1e-6)
+    out = task_metrics(copier(w), cfg, eos_id=0, vocab_size=64)  # what a window of w reaches: the wrong token
+    assert out[M.task_accuracy("copy", 64)] < 0.2
