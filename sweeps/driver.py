@@ -252,12 +252,29 @@ class Sweep:
         return {**parent, M.TAG_STUDY: self.spec.name, M.TAG_TRIAL: str(job.number), M.TAG_SOURCE: "sweep"}
 
     # ----- running trials ------------------------------------------------------------------------------
+    def _same_run(self, job: Job, old: Any) -> bool:
+        """Whether a recorded trial ran the run this point is now: the same content-addressed run folder (its
+        name carries the hash of config, data and code). A spec, dataset or code that changed since makes it
+        another run, never answered with the old record."""
+        recorded = old.user_attrs.get("run_dir")
+        if not recorded:
+            return True  # nothing to compare (a trial whose worker died before its folder): the record stands
+        from rattention.lifecycle import locate
+
+        cfg = self.spec.trial_config(job.kind, job.window, job.seed, self.data_path, self.folder / "runs")
+        same = Path(recorded).name == locate(cfg).path.name
+        if not same and self.progress:
+            say(f"trial {old.number} {job.label}: its config, data or code changed since it ran; training anew")
+        return same
+
     def run_jobs(self, jobs: list[Job]) -> None:
         """Evaluate ``jobs`` through the runner, as many at once as it has slots; a point already told is not
         re-run."""
         queue: deque[Job] = deque()
         for job in jobs:
             old = self.study.find(job)
+            if old is not None and not self._same_run(job, old):
+                old = None  # the point's config, data or code changed since: a new trial, trained anew
             if old is not None and old.state.name in ("COMPLETE", "FAIL"):  # told before: its record stands
                 job.number = old.number
                 job.value = float(old.values[0]) if old.state.name == "COMPLETE" else None
@@ -760,11 +777,11 @@ def summarise(sw: Sweep, bar: Bar, answers: list[KindAnswer]) -> dict[str, Any]:
              f"| kind | minimal window | {sw.metric} (mean ± spread) | cache@{ctx} vs full | grid points used |",
              "|---|---|---|---|---|",
              f"| full (baseline) | - | {bar.baseline_mean:.4f} ± {bar.baseline_spread:.4f} | 1.00x "
-             f"({full_cache / 2**20:.1f} MiB) | {len(spec.seed_list())} seeds |"]
+             f"({_size(full_cache)}) | {len(spec.seed_list())} seeds |"]
     for a in answers:
         win = str(a.minimal) if a.minimal is not None else ("none on the grid" if a.settled else "unsettled")
         val = f"{a.mean:.4f} ± {a.spread:.4f}" if a.mean is not None else "-"
-        cache = f"{a.cache_bytes / full_cache:.3f}x ({a.cache_bytes / 2**20:.1f} MiB)" if a.cache_bytes else "-"
+        cache = f"{a.cache_bytes / full_cache:.3g}x ({_size(a.cache_bytes)})" if a.cache_bytes else "-"
         lines.append(f"| {a.kind} | {win} | {val} | {cache} | {a.points_used} of {a.grid_size} "
                      f"(bound {a.bound}) |")
     lines.append("")
@@ -790,6 +807,11 @@ def summarise_pareto(sw: Sweep, front: list[dict[str, Any]]) -> dict[str, Any]:
     return {"mode": "pareto", "metric": sw.metric, "against": other, "pareto_front": front, "wall_s": wall,
             "trials": sw.done, "trained": sw.trained, "table": "\n".join(lines),
             "answer_line": "; ".join(f"{r['kind']} w={r['window']}" for r in front)}
+
+
+def _size(n: float) -> str:
+    """Bytes in the unit that keeps a small cache readable: 64.0 MiB, 12.5 KiB."""
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
 
 
 # ----- helpers -----------------------------------------------------------------------------------------------

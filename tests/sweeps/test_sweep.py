@@ -100,3 +100,19 @@ def test_trial_budget_stops_the_search_unsettled(train_dataset: Path, mlflow_ser
     assert all(not k["settled"] and k["minimal"] is None for k in summary["kinds"])
     assert all("budget (4) exhausted" in k["note"] for k in summary["kinds"])
     assert "unsettled" in summary["table"]
+
+
+def test_resume_after_the_spec_changed_trains_the_changed_points(train_dataset: Path, mlflow_server: str, ray_local,
+                                                                 tmp_path: Path) -> None:
+    """A trial's record answers a point only while it is the same run (config, data and code): a spec edited
+    between two runs under the same name retrains, rather than reusing values of another config."""
+    path = write_spec(tmp_path, train_dataset, mlflow_server, "changed", kinds=["swa"], seeds=1,
+                      grid={"windows": [4, 8], "block": 4})
+    first = sweep(load_spec(path), progress=False)
+    assert first["trained"] == first["trials"] == 3
+    again = sweep(load_spec(path), resume=True, progress=False)
+    assert again["trained"] == 0  # nothing changed: every record stands
+    changed = sweep(load_spec(path, ["overrides=[train.steps=6]"]), resume=True, progress=False)
+    assert changed["trained"] == changed["trials"] == 3
+    runs = {t.user_attrs["run_dir"] for t in study(path).trials}
+    assert len(runs) == 6 and all(RunDir(r).config().train.steps in (6, 12) for r in runs)
