@@ -17,7 +17,6 @@ its own: the spec as params, the sweep's tags and metrics, ``answer.json``, ``tr
 from __future__ import annotations
 
 import csv
-import io
 import json
 import time
 from pathlib import Path
@@ -29,7 +28,7 @@ from rattention import metrics as M
 from rattention.errors import ConfigError, RattentionError
 from rattention.lifecycle import TRACKING_INCOMPLETE
 from rattention.run_config import flatten
-from rattention.rundir import RunDir
+from rattention.rundir import RunDir, write_csv
 
 
 def import_run(run_dir: str | Path, uri: str | None = None, experiment: str | None = None) -> str:
@@ -203,7 +202,7 @@ def _import_sweep(folder: Path, record: dict[str, Any], runs: list[Path], uri: s
     for row in rows:
         if row.get("run_id") in by_folder_id:
             row["mlflow_run_id"], row["run_dir"] = by_folder_id[row["run_id"]][0], str(by_folder_id[row["run_id"]][1])
-    _write_csv(folder / "trials.csv", rows)
+    write_csv(folder / "trials.csv", rows)
     if answer is not None:
         answer.update(parent_run_id=parent, experiment=name)
         (folder / "answer.json").write_text(json.dumps(answer, indent=2) + "\n")
@@ -241,12 +240,3 @@ def _existing_parent(c: Any, run_id: str | None, exp_id: str) -> str | None:
 def _read_csv(path: Path) -> list[dict[str, Any]]:
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    if rows:
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    path.write_text(buf.getvalue())

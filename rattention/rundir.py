@@ -203,3 +203,16 @@ def ensure_folder(path: str | Path, field: str) -> Path:
     except OSError as err:
         raise ConfigError(f"{field}: cannot create {p} ({err.strerror or err})") from None
     return p
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """``rows`` (dicts with the same keys) as a CSV file with a header; empty rows, an empty file."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    path.write_text(buf.getvalue())

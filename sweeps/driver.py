@@ -24,9 +24,7 @@ training tokens/s; its answer is ``study.best_trials``.
 from __future__ import annotations
 
 import contextlib
-import csv
 import fcntl
-import io
 import json
 import math
 import os
@@ -45,6 +43,7 @@ from rattention import metrics as M
 from rattention.errors import ConfigError, RattentionError
 from rattention.lifecycle import first_line
 from rattention.run_config import flatten
+from rattention.rundir import write_csv
 from sweeps.runner import LocalRunner, Outcome, RayRunner, Runner, run_trial  # noqa: F401 - run_trial: the trial
 from sweeps.search import Bar, answer, next_windows, point_bound
 from sweeps.spec import SweepSpec
@@ -503,7 +502,7 @@ class Sweep:
         Without MLflow (the local runner) the folder's record keeps the status for ``rattention import-sweep``."""
         rows = self.trials_table()
         files = {"trials.csv": None, "spec.yaml": None}
-        _write_csv(self.folder / "trials.csv", rows)
+        write_csv(self.folder / "trials.csv", rows)
         (self.folder / "spec.yaml").write_text(yaml.safe_dump(self.spec.model_dump(mode="json"), sort_keys=False))
         if summary is not None:
             (self.folder / "answer.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -863,13 +862,3 @@ def _os_lock(path: Path, refusal: str, folder: Path | None = None) -> Iterator[N
     finally:
         fcntl.flock(f, fcntl.LOCK_UN)
         f.close()
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    buf = io.StringIO()
-    if rows:
-        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    path.write_text(buf.getvalue())
-
