@@ -314,9 +314,9 @@ class MlflowTracker:
 
     Holds only the URI and the experiment, so it pickles to Ray workers; each process makes its client.
     A server that does not answer never stops a run: each call first asks ``/health`` (a refused
-    connection answers at once, where MLflow's own retries would wait minutes), and a call that fails
-    warns once and sets ``lost`` to the reason, after which the tracker does nothing more; the lifecycle
-    then marks the run folder for ``rattention import-run``.
+    connection answers at once, where MLflow's own retries would wait minutes) and then runs with
+    ``quick_retries``; a call that fails warns once and sets ``lost`` to the reason, after which the
+    tracker does nothing more; the lifecycle then marks the run folder for ``rattention import-run``.
     """
 
     def __init__(self, uri: str, experiment: str, source: str | Path | None = None):
@@ -345,7 +345,8 @@ class MlflowTracker:
             self.lost = "no answer at /health"
         else:
             try:
-                return fn(*args)
+                with quick_retries():  # a server that dies after /health answered costs seconds, not minutes
+                    return fn(*args)
             except ConfigError:
                 raise  # the experiment is deleted: the user's to fix, before any compute
             except tracking_errors() as err:
@@ -381,7 +382,8 @@ class MlflowTracker:
         if not server_alive(self.uri):
             return  # nothing to close where nothing answers; import-run ends it later
         try:
-            if self.client.get_run(run).info.status == "RUNNING":
-                end_run(self.client, run, "KILLED")
+            with quick_retries():
+                if self.client.get_run(run).info.status == "RUNNING":
+                    end_run(self.client, run, "KILLED")
         except Exception:  # noqa: BLE001 - a run deleted or on another server: nothing to close
             pass

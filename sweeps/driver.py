@@ -326,13 +326,10 @@ class Sweep:
     def _close_left_running(self, job: Job, status: str, error: str) -> Any:
         """The trial's run folder and MLflow run, when its process died and left them RUNNING: ``status``.
         Returns the run folder when there is one."""
-        from rattention import lifecycle
-
         rd = None
         with contextlib.suppress(Exception):
-            rd = lifecycle.locate(self.spec.trial_config(job.kind, job.window, job.seed, self.data_path,
-                                                         self.folder / "runs"))
-            if not rd.exists():
+            rd = self._trial_folder(job)
+            if rd is None:
                 return None
             if rd.status().get("status") == "RUNNING":
                 rd.set_status(status, error=error)
@@ -342,9 +339,25 @@ class Sweep:
 
                 if tracking.server_alive(self.uri):
                     c = tracking.client(self.uri)
-                    if c.get_run(run).info.status == "RUNNING":
-                        tracking.end_run(c, run, status)
+                    with tracking.quick_retries():
+                        if c.get_run(run).info.status == "RUNNING":
+                            tracking.end_run(c, run, status)
         return rd if rd is not None and rd.exists() else None
+
+    def _trial_folder(self, job: Job) -> Any:
+        """The run folder of ``job``'s trial: where its config puts it, else the one tagged with its trial
+        number (the name hashes the code, and a worker that started after a source edit hashed other code)."""
+        from rattention import lifecycle
+        from rattention.rundir import RunDir
+
+        rd = lifecycle.locate(self.spec.trial_config(job.kind, job.window, job.seed, self.data_path,
+                                                     self.folder / "runs"))
+        if rd.exists() or job.number is None:
+            return rd if rd.exists() else None
+        tagged = [RunDir(p) for p in sorted((self.folder / "runs").glob("*")) if RunDir(p).exists()
+                  and RunDir(p).meta().get("tags", {}).get(M.TAG_TRIAL) == str(job.number)
+                  and RunDir(p).meta().get("tags", {}).get(M.TAG_STUDY) == self.spec.name]
+        return max(tagged, key=lambda r: r.meta().get("created", 0)) if tagged else None
 
     def submit(self, job: Job, cfg: Any) -> Any:
         """Start the trial through the runner (on Ray: a task with the spec's resources, retried once if its
@@ -524,18 +537,19 @@ class Sweep:
             return
         c = tracking.client(self.uri)
         try:
-            self._import_untracked(rows)
-            for name in files:
-                tracking.log_artifact(c, self.parent, self.folder / name)
-            if summary is not None:
-                metrics = {M.SWEEP_TRIALS: float(len(rows)), M.SWEEP_WALL_S: time.perf_counter() - self.t0}
-                for k in summary.get("kinds", []):
-                    if k["minimal"] is not None:
-                        metrics[M.sweep_minimal_window(k["kind"])] = float(k["minimal"])
-                tracking.log_metrics(c, self.parent, 0, metrics)
-                c.set_tag(self.parent, M.TAG_SWEEP_ANSWER, summary["answer_line"][:5000])
-            tracking.end_run(c, self.parent, status)
-        except tracking.tracking_errors() as err:
+            with tracking.quick_retries():  # /health answered: a server that dies now costs seconds
+                self._import_untracked(rows)
+                for name in files:
+                    tracking.log_artifact(c, self.parent, self.folder / name)
+                if summary is not None:
+                    metrics = {M.SWEEP_TRIALS: float(len(rows)), M.SWEEP_WALL_S: time.perf_counter() - self.t0}
+                    for k in summary.get("kinds", []):
+                        if k["minimal"] is not None:
+                            metrics[M.sweep_minimal_window(k["kind"])] = float(k["minimal"])
+                    tracking.log_metrics(c, self.parent, 0, metrics)
+                    c.set_tag(self.parent, M.TAG_SWEEP_ANSWER, summary["answer_line"][:5000])
+                tracking.end_run(c, self.parent, status)
+        except (*tracking.tracking_errors(), RattentionError) as err:
             print(f"warning: MLflow at {self.uri} stopped answering ({first_line(err)[:200]}): the sweep's parent "
                   f"run {self.parent} is not fully updated; its files are in {self.folder}", file=sys.stderr,
                   flush=True)
