@@ -5,10 +5,11 @@ verifying a dataset's checksums costs next to training on it.
                                            [--out benchmarks/results/reliability.json] [--skip-faults]
                                            [--skip-cost]
 
-Faults: runs the fault-injection tests of ``tests/reliability`` (data, checkpoint, security and disk
-faults) under pytest with ``RATTENTION_RELIABILITY_ROWS`` set; each test writes its row after its
-assertions pass. A test that fails or errors gets a row with ``survived: false`` and pytest's reason; one
-that skips (no tmpfs mount possible) a row saying so.
+Faults: runs the whole suite ``tests/reliability`` (run, sweep, signal, tracking, data, checkpoint, disk
+faults, security, and the bad-input table) under pytest with ``RATTENTION_RELIABILITY_ROWS`` set; each
+fault test writes its row after its assertions pass. A test that fails or errors gets a row with
+``survived: false`` and pytest's reason; one that skips (no tmpfs mount possible) a row saying so. The
+bad inputs are counted, not rowed: how many ``test_bad_inputs.CASES`` holds, and how many passed.
 
 Cost: the dataset (``--dataset``, else the stdlib corpus tokenized here by ``rattention data prepare``
 into a temp folder, 8192-token BPE) is checked as ``rattention train`` checks it before training
@@ -20,8 +21,8 @@ disk reads. Then the demo model (configs/demo.yaml: 4 layers, d_model 128, T=512
 step and against one epoch over the train split at that rate (and at the H200 rate recorded in
 ``benchmarks/results/gpu-train-h200.json``, when present).
 
-Writes the JSON (with provenance) and prints the rows. Timings on a shared machine are disturbed by other
-work; the load average is recorded.
+Writes the JSON (with provenance) and ``benchmarks/reliability.md`` from it (``--md``), and prints the rows.
+Timings on a shared machine are disturbed by other work; the load average is recorded.
 """
 
 from __future__ import annotations
@@ -42,8 +43,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "reliability.json"
-FAULT_TESTS = ["tests/reliability/test_data_faults.py", "tests/reliability/test_checkpoint_faults.py",
-               "tests/reliability/test_security.py", "tests/reliability/test_disk_faults.py"]
+DEFAULT_MD = ROOT / "benchmarks" / "reliability.md"
+FAULT_TESTS = ["tests/reliability/test_run_faults.py", "tests/reliability/test_sweep_faults.py",
+               "tests/reliability/test_signal_faults.py", "tests/reliability/test_tracking_faults.py",
+               "tests/reliability/test_data_faults.py", "tests/reliability/test_checkpoint_faults.py",
+               "tests/reliability/test_security.py", "tests/reliability/test_disk_faults.py",
+               "tests/reliability/test_bad_inputs.py"]
+BAD_INPUT_TEST = "test_bad_input_is_one_line_exit_2_and_writes_nothing"
 DEMO = ROOT / "configs" / "demo.yaml"
 H200 = ROOT / "benchmarks" / "results" / "gpu-train-h200.json"
 
@@ -58,10 +64,19 @@ def fault_rows(tmp: Path) -> dict[str, Any]:
     wall = time.perf_counter() - t0
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.is_file() else []
     tests = {"passed": 0, "failed": 0, "skipped": 0}
+    from tests.reliability.test_bad_inputs import CASES
+
+    bad_inputs = {"cases": len(CASES), "passed": 0, "failed": []}
     for case in ET.parse(junit).getroot().iter("testcase"):
         name = case.get("name", "")
         bad = case.find("failure") if case.find("failure") is not None else case.find("error")
         skip = case.find("skipped")
+        if name.startswith(BAD_INPUT_TEST + "["):  # the table's cases: counted
+            if bad is None and skip is None:
+                bad_inputs["passed"] += 1
+            else:
+                bad_inputs["failed"].append(name)
+            continue
         if bad is not None:
             tests["failed"] += 1
             rows.append({"fault": name, "survived": False, "lost": "unknown: the test failed",
@@ -72,8 +87,62 @@ def fault_rows(tmp: Path) -> dict[str, Any]:
                          "test": name, "reason": (skip.get("message") or "")[:300]})
         else:
             tests["passed"] += 1
-    return {"rows": rows, "tests": tests, "pytest_exit": proc.returncode, "pytest_wall_s": round(wall, 1),
+    return {"rows": rows, "tests": tests, "bad_inputs": bad_inputs, "pytest_exit": proc.returncode,
+            "pytest_wall_s": round(wall, 1), "files": FAULT_TESTS,
             "pytest_tail": proc.stdout.strip().splitlines()[-1:] if proc.stdout.strip() else []}
+
+
+def markdown(record: dict[str, Any]) -> str:
+    """``benchmarks/reliability.md``: the fault table, the bad inputs, and the checksum cost, from the JSON."""
+    prov = record["provenance"]
+    lines = ["# Reliability: faults injected, bad inputs, checksum cost", "",
+             f"Command: `{record['command'].strip()}`.", "",
+             f"Recorded {prov['date']} at commit {prov['commit']} on {prov['device']}, {prov['cpu_count']} CPUs "
+             f"(load average {record['load_average_start'][0]:.1f} at start, {record['load_average_end'][0]:.1f} at "
+             f"the end: the machine was shared with other work, so the times are indicative); python "
+             f"{prov['python']}, torch {prov['torch']}, triton {prov['triton']}.", ""]
+    faults = record.get("faults")
+    if faults:
+        t = faults["tests"]
+        bad = faults.get("bad_inputs", {})
+        lines += ["## Faults", "",
+                  f"Each row is a test in `tests/reliability/` that injects the fault for real, states the recovery "
+                  f"it expects and asserts it; the row is written only after its assertions pass. The suite "
+                  f"({len(faults.get('files', []))} files) ran in {faults['pytest_wall_s']:.0f} s: {t['passed']} "
+                  f"fault and security tests passed, {t['failed']} failed, {t['skipped']} skipped, besides the "
+                  f"bad-input table.", "",
+                  "| fault | injection | survived | lost | recovery time | (what the time covers) |",
+                  "|---|---|---|---|---:|---|"]
+        for r in faults["rows"]:
+            survived = {True: "yes", False: "**no**", None: "not run"}[r.get("survived")]
+            rec = "-" if r.get("recovery_s") is None else f"{r['recovery_s']:.2f} s"
+            what = r.get("recovery") or r.get("reason", "")
+            lines.append(f"| {r['fault']} | {r.get('injection', '-')} | {survived} | {r['lost']} | {rec} | {what} |")
+        if bad:
+            lines += ["", "## Bad inputs", "",
+                      f"{bad['cases']} bad inputs tried (`tests/reliability/test_bad_inputs.py::CASES`: the command "
+                      f"line, run configs, sweep specs and data sources), {bad['passed']} handled: one `error:` line "
+                      f"naming the field, file or flag, exit status 2, no traceback, nothing written, before any "
+                      f"compute." + (f" Not handled: {', '.join(bad['failed'])}." if bad["failed"] else "")]
+    cost = record.get("checksum_cost")
+    if cost:
+        m = cost["seconds_median"]
+        lines += ["", "## What verifying checksums costs", "",
+                  f"Dataset {cost['dataset']}: {cost['shards']} shards, {cost['bytes'] / 1e6:.1f} MB, "
+                  f"{cost['tokens']:,} tokens. The check `rattention train` runs before training, medians of the "
+                  "repeats (page cache warm: CPU cost):", "",
+                  "| check | seconds |", "|---|---:|",
+                  f"| with checksums (default: sha256, samples, token ids) | {m['checksums']:.3f} |",
+                  f"| sha256 alone | {m['sha256_only']:.3f} |",
+                  f"| without checksums (`data.verify_checksums=false`) | {m['no_checksums']:.4f} |", "",
+                  f"Against training: one demo step (configs/demo.yaml, on this CPU) takes "
+                  f"{cost['train']['step_seconds']:.3f} s, so the check is {cost['checksums_vs_one_step']:.2f} steps, "
+                  f"{cost['checksums_vs_one_epoch'] * 100:.3f}% of one epoch over the train split"
+                  + (f"; at the H200 rate recorded in `{cost['h200_reference']['source']}` "
+                     f"({cost['h200_reference']['tokens_per_s']:,.0f} tokens/s), "
+                     f"{cost['h200_reference']['checksums_vs_one_epoch'] * 100:.2f}% of an epoch"
+                     if "h200_reference" in cost else "") + "."]
+    return "\n".join(lines) + "\n"
 
 
 def stdlib_dataset(folder: Path) -> Path:
@@ -138,6 +207,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--skip-faults", action="store_true")
     ap.add_argument("--skip-cost", action="store_true")
+    ap.add_argument("--md", type=Path, default=DEFAULT_MD, help="the markdown table to write")
     args = ap.parse_args()
     if args.repeats < 1 or args.train_steps < 3:
         ap.error("--repeats must be >= 1 and --train-steps >= 3")
@@ -173,6 +243,7 @@ def main() -> None:
     record["load_average_end"] = list(os.getloadavg())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
+    args.md.write_text(markdown(record))
     for row in record.get("faults", {}).get("rows", []):
         rec = "-" if row.get("recovery_s") is None else f"{row['recovery_s']:.2f} s"
         print(f"{row['fault'][:58]:<58} survived={row['survived']!s:<5} {rec:>9}  lost: {row['lost']}")
@@ -184,7 +255,7 @@ def main() -> None:
               f"{m['no_checksums'] * 1e3:.1f} ms; a demo step {c['train']['step_seconds'] * 1e3:.0f} ms; "
               f"checksums = {c['checksums_vs_one_step']:.2f} steps = {c['checksums_vs_one_epoch'] * 100:.3f}% "
               f"of an epoch")
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out} and {args.md}")
 
 
 if __name__ == "__main__":

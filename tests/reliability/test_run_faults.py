@@ -110,7 +110,7 @@ def test_nan_loss_fails_the_run(train_dataset, mlflow_server, ray_local, tmp_pat
     assert status["status"] == "FAILED" and status["error"].startswith("step 4: loss is nan"), status
     assert not [p for p in rd.checkpoints.glob("*.pt")]  # step 4 is never saved
     record("NaN loss in a run", "loss of step 4 multiplied by NaN", "run FAILED (folder, MLflow) with the step named",
-           True, "the run, by design: FAILED with its reason before any checkpoint of the bad step", 0.0,
+           True, "nothing: the run recorded FAILED with its reason, before any checkpoint of the bad step", 0.0,
            "no recovery: the run stops at once", "test_nan_loss_fails_the_run")
 
 

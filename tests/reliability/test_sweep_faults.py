@@ -193,7 +193,7 @@ def test_trial_worker_killed(train_dataset, mlflow_server, ray_local, tmp_path, 
         window = RunDir(rd.path).config().model.window
         assert swa["minimal"] != window and any(f"w={window}" in f and "worker died" in f for f in swa["failures"])
         recovery = summary["wall_s"]
-        lost = "the trial, by design: recorded FAIL with its reason; the sweep answered without it"
+        lost = "nothing: the trial recorded FAIL with its reason, its folder and checkpoints kept"
     runs = mlflow_runs(mlflow_server, name)
     assert "RUNNING" not in {r.info.status for r in runs}
     mine = [r for r in runs if r.data.tags.get(M.TAG_RUN_ID) == rd.meta()["run_id"]]
@@ -238,7 +238,8 @@ def test_nan_trial_is_fail_and_the_sweep_goes_on(train_dataset, mlflow_server, r
     assert RunDir(fails[0].user_attrs["run_dir"]).status()["status"] == "FAILED"
     record("NaN/inf loss in a sweep trial", "lr 1e9, no clipping, for the trial at window 4",
            "run FAILED, trial FAIL with the reason, the sweep goes on to an answer", True,
-           "the trial, by design: FAIL with its reason; the answer counts it as not passing", secs,
+           "nothing: the trial recorded FAIL with its reason, its folder kept; the answer counts it as not passing",
+           secs,
            "seconds of the whole sweep, which finished", "test_nan_trial_is_fail_and_the_sweep_goes_on")
 
 
