@@ -319,6 +319,8 @@ def run(cfg: RunConfig, run_dir: str | Path | None = None, tracker: Tracker | No
     status is set. Under torchrun every rank calls this; rank 0 alone writes and tracks.
     """
     backend = backend or InProcess()
+    cfg = cfg.with_absolute_paths()  # the handle travels to workers that may run in another folder
+    run_dir = None if run_dir is None else Path(run_dir).absolute()
     backend.prepare(cfg)  # e.g. join the Ray cluster: a dead address fails before anything is created
     rank, _ = rank_world()
     try:

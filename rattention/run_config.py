@@ -203,6 +203,16 @@ class RunConfig(_Section):
         """Flattened ``section.field`` mapping: the MLflow params."""
         return flatten(self.to_dict())
 
+    def with_absolute_paths(self) -> RunConfig:
+        """The same run with its folders (dataset, run root, local MLflow store) made absolute against the
+        current folder, so that workers started elsewhere (Ray Train's, in another working folder) find them.
+        None of these is part of the run's identity."""
+        d = self.to_dict()
+        d["data"]["path"] = str(Path(self.data.path).absolute())
+        d["train"]["out_dir"] = str(Path(self.train.out_dir).absolute())
+        d["tracking"]["server_dir"] = str(Path(self.tracking.server_dir).absolute())
+        return parse_run_config(d)
+
 
 def parse_run_config(data: dict[str, Any]) -> RunConfig:
     """Validate a nested mapping; a bad field raises one ConfigError line naming it."""
