@@ -40,7 +40,7 @@ chromium:
 	fi
 
 test: setup chromium
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=15 tests
 
 lint: setup
 	$(VENV)/bin/ruff check .
