@@ -377,13 +377,16 @@ class MlflowTracker:
     def end(self, run: str, status: str) -> None:
         self._call(end_run, self.client, run, status)
 
-    def close_stale(self, run: str) -> None:
-        """Mark an earlier attempt's run KILLED when its process died and left it RUNNING."""
+    def close_stale(self, run: str, status: str = "KILLED") -> bool:
+        """End an earlier attempt's run with ``status`` (KILLED: its process died or was interrupted; FINISHED:
+        it died after finishing) when it was left RUNNING; whether it was."""
         if not server_alive(self.uri):
-            return  # nothing to close where nothing answers; import-run ends it later
+            return False  # nothing to close where nothing answers; import-run ends it later
         try:
             with quick_retries():
                 if self.client.get_run(run).info.status == "RUNNING":
-                    end_run(self.client, run, "KILLED")
+                    end_run(self.client, run, status)
+                    return True
         except Exception:  # noqa: BLE001 - a run deleted or on another server: nothing to close
             pass
+        return False

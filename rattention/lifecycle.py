@@ -125,7 +125,7 @@ class Tracker(Protocol):
 
     def end(self, run: str, status: str) -> None: ...
 
-    def close_stale(self, run: str) -> None: ...
+    def close_stale(self, run: str, status: str = "KILLED") -> bool: ...
 
 
 @dataclass
@@ -273,6 +273,11 @@ def open_run(cfg: RunConfig, run_dir: str | Path | None, tracker: Tracker | None
             raise ConfigError(f"{rd.path}: holds another run (id {held}; this config, data and code give "
                               f"{run_id}); choose another run folder or train.run_name")
         if rd.finished(run_id):
+            stale = rd.meta().get("mlflow_run_id")
+            # its process died after the folder said FINISHED and before MLflow was told: end the MLflow run
+            # (its id is a UUID: on another server it is not found) and leave the rest to import-run
+            if tracker is not None and stale and tracker.close_stale(stale, "FINISHED"):
+                mark_untracked(rd, "its process ended before MLflow was told the run finished")
             return Opened(handle, True, rd.results())
         stale = rd.meta().get("mlflow_run_id")
         if tracker is not None and stale and rd.meta().get("tracking_uri") == tracker.uri:

@@ -124,3 +124,32 @@ def test_non_finite_loss_stops_the_logger(bad):
     log.record(2, torch.tensor(1.9), torch.tensor(1.0), 1e-3, 16)
     with pytest.raises(TrainingError, match=rf"^step 3: loss is {bad}; training stopped \(lower train.lr=0.001"):
         log.record(3, torch.tensor(bad), torch.tensor(1.0), 1e-3, 24, read_all=True)
+
+
+def test_died_after_finishing_before_mlflow_was_told(train_dataset, mlflow_server, tmp_path):
+    """Fault: the run's process dies after its folder says FINISHED and before its MLflow run is ended (a sweep
+    driver SIGKILLed at that moment takes its trial's worker with it), leaving the MLflow run RUNNING; the state
+    is made by running the run and setting its MLflow run back to RUNNING. Recovery: submitted again, the run
+    trains nothing, ends its MLflow run FINISHED and marks its folder for import-run, which completes it."""
+    from pipelines.import_run import import_run
+    from pipelines.tracking import MlflowTracker
+    from rattention import lifecycle
+
+    cfg = _cfg(train_dataset, mlflow_server, "train.steps=6", "eval.enabled=false")
+    run = tmp_path / "run"
+    tracker = MlflowTracker(mlflow_server, cfg.tracking.experiment)
+    first = lifecycle.run(cfg, run, tracker=tracker, progress=False)
+    c = MlflowClient(mlflow_server)
+    run_id = RunDir(run).meta()["mlflow_run_id"]
+    c.update_run(run_id, status="RUNNING")  # as the dead process left it
+    again = lifecycle.run(cfg, run, tracker=MlflowTracker(mlflow_server, cfg.tracking.experiment), progress=False)
+    assert again == first and RunDir(run).meta()["starts"] == 1  # nothing trained again
+    assert c.get_run(run_id).info.status == "FINISHED"
+    assert RunDir(run).meta()[lifecycle.TRACKING_INCOMPLETE]
+    assert import_run(run, mlflow_server) == run_id
+    assert lifecycle.TRACKING_INCOMPLETE not in RunDir(run).meta()
+    assert sorted(m.step for m in c.get_metric_history(run_id, M.TRAIN_LOSS)) == list(range(1, 7))  # each once
+    record("run process died after finishing, before MLflow was told", "a FINISHED run folder whose MLflow run "
+           "is still RUNNING, submitted again", "no training; the MLflow run ended FINISHED; import-run completes it",
+           True, "nothing", 0.0, "no recovery time: the finished results are returned at once",
+           "test_died_after_finishing_before_mlflow_was_told")
