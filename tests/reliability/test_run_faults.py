@@ -40,6 +40,7 @@ def _cfg(ds: Path, uri: str, *over: str):
     return tiny_run_config(ds, f"tracking.uri={uri}", "tracking.experiment=run-faults", *over)
 
 
+@pytest.mark.slow
 def test_worker_dies_mid_run(train_dataset, mlflow_server, ray_local, tmp_path, monkeypatch):
     """Fault: the Ray Train worker exits (``os._exit(1)``) before step 9 of 16, once, with checkpoints every 5
     steps. Recovery: restart from step 5; the run FINISHED at step 16 in one MLflow run; the curve has steps

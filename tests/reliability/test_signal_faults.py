@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -88,6 +89,7 @@ def store_runs(store: Path, experiment: str) -> list:
     return c.search_runs([c.get_experiment_by_name(experiment).experiment_id], max_results=100)
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_train(train_dataset, tmp_path):
     """Fault: Ctrl-C on ``rattention train`` (Ray Train, its own Ray and MLflow server) at step 3 or later.
     Recovery: exit 130 with the 'run marked KILLED' line; the folder and the MLflow run KILLED at the step
@@ -110,6 +112,7 @@ def test_ctrl_c_on_train(train_dataset, tmp_path):
            "seconds from the SIGINT to the command's exit", "test_ctrl_c_on_train")
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_sweep(train_dataset, tmp_path):
     """Fault: Ctrl-C on ``rattention sweep`` (its own Ray and MLflow server) while a trial trains. Recovery:
     exit 130 with the 'sweep stopped' line; the parent run and the running trial KILLED (folder and MLflow),

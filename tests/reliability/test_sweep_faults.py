@@ -83,6 +83,7 @@ def straight(train_dataset, mlflow_server, ray_local, tmp_path_factory) -> tuple
 
 # ----- 2. the driver SIGKILLed, then resumed ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_driver_sigkilled_then_resumed(train_dataset, mlflow_server, ray_local, tmp_path, straight):
     """Fault: ``rattention sweep`` SIGKILLed once 4 trials are told and a fifth trains. Recovery: ``--resume``
     trains no finished trial again (only the interrupted one, from its checkpoint), gives the uninterrupted
@@ -245,6 +246,7 @@ def test_nan_trial_is_fail_and_the_sweep_goes_on(train_dataset, mlflow_server, r
 
 # ----- 10. two drivers at once ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_two_drivers_at_once(train_dataset, mlflow_server, ray_local, tmp_path):
     """Fault: while ``rattention sweep SPEC`` runs (a real process; its first trial trains for as long as the
     test needs), the same command is started again, with and without --resume, and a second spec with another

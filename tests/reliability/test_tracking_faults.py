@@ -166,6 +166,7 @@ STEPS = 30
 OUTAGES = {"ray": "SIGKILL", "no-ray": "SIGSTOP"}  # Ray Train: the server dies; --no-ray: it hangs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", ["ray", "no-ray"])
 def test_server_lost_mid_run(train_dataset, ray_local, tmp_path, capfd, path):
     """Fault: the MLflow server (a real one, in its own process group) goes away once the run has logged step
@@ -230,6 +231,7 @@ def test_server_lost_mid_run(train_dataset, ray_local, tmp_path, capfd, path):
            f"test_server_lost_mid_run[{path}]")
 
 
+@pytest.mark.slow
 def test_server_killed_mid_sweep(train_dataset, ray_local, tmp_path, capfd):
     """Fault: the sweep's MLflow server is SIGKILLed once the baseline trial is told. Recovery: the sweep goes
     on and computes its answer (the same as with MLflow up: window 4, every window passing a 10-nat bar),
