@@ -294,8 +294,9 @@ def report(
 
     from dashboards import build_report, find_sweep
     from pipelines import tracking
+    from pipelines.ui import DEFAULT_STORE
 
-    store = Path(".mlflow")
+    store = Path(DEFAULT_STORE)
     if uri:
         tracking.check_uri(uri, "--tracking-uri")
     elif not os.environ.get("MLFLOW_TRACKING_URI") and not (store / "mlflow.db").is_file():
@@ -361,8 +362,8 @@ SMOKE_FILES = 200  # the smoke profile tokenizes this many stdlib files, not all
 
 @app.command()
 def demo(
-    profile: Profile = typer.Option(Profile.full, help="full: the demo (about 15 min on 2 cores); smoke: the "
-                                    "same path in a few minutes, for tests."),
+    profile: Profile = typer.Option(Profile.full, help="full: the demo (about 5 min on 2 cores); smoke: the "
+                                    "same path on a smaller task in about a minute, for tests."),
     workdir: Path = typer.Option(Path("."), help="Root of the demo's dataset (data/stdlib), sweep "
                                  "(.rattention/sweeps) and MLflow store (.mlflow)."),
 ) -> None:
