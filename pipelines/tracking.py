@@ -32,6 +32,13 @@ SERVER_FILE = "server.json"
 STARTUP_TIMEOUT_S = 120.0
 
 
+# How long the tracker (driver side, between steps) waits on ``/health`` before calling a server lost. A dead
+# server refuses at once whatever this is; a live one on a loaded machine (2 cores, Ray's processes shutting
+# down after a Ctrl-C) has been seen taking more than 2 s. The sink, whose checks sit between training steps,
+# keeps the short default.
+TRACKER_HEALTH_S = 10.0
+
+
 def server_alive(uri: str, timeout: float = 2.0) -> bool:
     """True when an MLflow server answers ``/health`` at ``uri``."""
     try:
@@ -341,8 +348,8 @@ class MlflowTracker:
         """``fn(*args)`` when the server answers; None, with ``lost`` set, when it does not."""
         if self.lost is not None:
             return None
-        if not server_alive(self.uri):
-            self.lost = "no answer at /health"
+        if not server_alive(self.uri, timeout=TRACKER_HEALTH_S):
+            self.lost = f"no answer at /health within {TRACKER_HEALTH_S:.0f} s"
         else:
             try:
                 with quick_retries():  # a server that dies after /health answered costs seconds, not minutes
@@ -380,7 +387,7 @@ class MlflowTracker:
     def close_stale(self, run: str, status: str = "KILLED") -> bool:
         """End an earlier attempt's run with ``status`` (KILLED: its process died or was interrupted; FINISHED:
         it died after finishing) when it was left RUNNING; whether it was."""
-        if not server_alive(self.uri):
+        if not server_alive(self.uri, timeout=TRACKER_HEALTH_S):
             return False  # nothing to close where nothing answers; import-run ends it later
         try:
             with quick_retries():

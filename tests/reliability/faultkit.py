@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -103,12 +104,19 @@ def cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, float]:
     return code, capsys.readouterr().err, secs
 
 
+# A line a Ray process forwards to its driver: "(RayTrainWorker pid=123) ...", "(pid=gcs_server) ...",
+# "(raylet) ...", maybe coloured. In-process commands share pytest's process with the session's Ray
+# (conftest.ray_local), whose services may speak during any test, a ``--no-ray`` one included.
+RAY_LINE = re.compile(r"^(\x1b\[\d+m)?\((\w+ )?(pid=\w+|raylet)")
+
+
 def one_error_line(err: str) -> str:
     """The single ``error: ...`` line of a failed command (asserting that there is exactly one and no
-    traceback); returns its message."""
-    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("warning: ")]
+    traceback of ours); returns its message. Lines forwarded by Ray's processes are not the command's."""
+    ours = [ln for ln in err.splitlines() if not RAY_LINE.match(ln)]
+    lines = [ln for ln in ours if ln.strip() and not ln.startswith("warning: ")]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err, err
+    assert not [ln for ln in ours if "Traceback" in ln], err
     return lines[0].removeprefix("error: ")
 
 

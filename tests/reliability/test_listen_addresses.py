@@ -73,7 +73,9 @@ def listeners(pid: int) -> dict[tuple[str, int], str]:
     out = {}
     for p in procs:
         try:
-            name = " ".join(p.cmdline())[:100] or p.name()
+            # the whole command line: a checkout's path can be long enough to push the script's name (such as
+            # ray/dashboard/dashboard.py) past any fixed cut
+            name = " ".join(p.cmdline()) or p.name()
             for c in p.net_connections(kind="inet"):
                 if c.status == ps.CONN_LISTEN:
                     out[(c.laddr.ip, c.laddr.port)] = name

@@ -14,7 +14,6 @@ shell's background job has SIGINT ignored, which its children would inherit, and
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -31,7 +30,7 @@ from mlflow.tracking import MlflowClient
 
 from rattention.rundir import RunDir
 from tests.conftest import tiny_run_config, write_sweep_spec
-from tests.reliability.faultkit import ROOT, TAG_ENV, record, sigint_default, tagged, wait_gone
+from tests.reliability.faultkit import RAY_LINE, ROOT, TAG_ENV, record, sigint_default, tagged, wait_gone
 
 RATTENTION = Path(sys.executable).parent / "rattention"  # the console script beside python
 
@@ -65,9 +64,6 @@ def ctrl_c(argv: list[str], cwd: Path, ready: Callable[[], bool], timeout: float
     for pid, _ in tagged(tag):  # a failing test leaves nothing behind either
         os.kill(pid, signal.SIGKILL)
     return rc, err_path.read_text(), tag, secs, left
-
-
-RAY_LINE = re.compile(r"^(\x1b\[\d+m)?\(\w+ pid=\d+")  # a Ray worker's own line, forwarded: "(RayTrainWorker pid=..."
 
 
 def assert_interrupted(rc: int, err: str, last: str) -> None:
@@ -104,7 +100,7 @@ def test_ctrl_c_on_train(train_dataset, tmp_path):
     status = RunDir(run).status()
     assert status["status"] == "KILLED" and status["step"] >= 3, status
     (mlrun,) = store_runs(store, "ctrl-c")
-    assert mlrun.info.status == "KILLED"
+    assert mlrun.info.status == "KILLED", (RunDir(run).meta(), err[-3000:])
     assert not left, left
     record("Ctrl-C on `rattention train` (Ray Train)", "SIGINT to the command's process group at step >= 3",
            "exit 130, one line; folder and MLflow run KILLED; no Ray or MLflow process left", True,
