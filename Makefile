@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 HASH   := $(shell sha1sum pyproject.toml | cut -c1-12)
 STAMP  := $(VENV)/.installed-$(HASH)
 
-.PHONY: setup test demo lint bench-cpu clean chromium
+.PHONY: setup test test-gpu demo lint bench-cpu clean chromium
 
 setup: $(STAMP)
 
@@ -41,6 +41,13 @@ chromium:
 
 test: setup chromium
 	TRITON_INTERPRET=1 $(PY) -m pytest -q --durations=15 tests
+
+# The kernel and model tests on CUDA, on a GPU box whose python already holds torch and triton (no venv, no
+# network: `make test-gpu PY=python3`; benchmarks/gpu_round.sh runs it). The kernel tests pick CUDA when it is
+# there and the interpreter is off; tests/rattention/test_model_cuda.py skips without CUDA.
+test-gpu:
+	@$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'test-gpu: no CUDA device')"
+	TRITON_INTERPRET=0 $(PY) -m pytest -q -p no:cacheprovider --durations=10 tests/kernels tests/rattention/test_model_cuda.py
 
 lint: setup
 	$(VENV)/bin/ruff check .
