@@ -1,10 +1,16 @@
-"""Decoding cache. Global layers keep every key and value. Local layers keep a ring of their last
-w+1 raw keys and values (RoPE and QK-norm are applied on read, so the key that leaves the window is
-at hand without RoPE), plus, for RAttention, the fp32 RLA state S.
+"""Decoding cache. Keys are stored as the softmax branch reads them (QK-normed, then RoPE'd), so a
+decode step rotates only the one new key.
 
-At step t the key at position t-w-1 leaves the ring and is folded into S, so S always holds the keys
-i <= t-w-1 that the linear branch reads. ``cache_bytes`` gives the same number as ``nbytes`` from
-the config alone.
+- Global layers keep every key and value in a buffer of ``capacity`` positions: reserved up front for a
+  static decode step, or, unreserved, grown to exactly the length.
+- Local layers keep a ring of their last w+1 keys and values; position p lives in slot p % (w+1).
+- RAttention adds the fp32 RLA state S. At step t the key at position t-w-1 leaves the ring and is folded
+  into S, so S holds the keys i <= t-w-1 that the linear branch reads. That branch reads the *raw*
+  projection (no RoPE, no QK-norm): without QK-norm the leaving key is un-rotated (RoPE's inverse, exact
+  up to rounding); with QK-norm, which cannot be undone, a second ring keeps the raw keys.
+
+The cache's position counter is a tensor (``ModelCache.pos``) so that the decode step has fixed shapes
+and no host sync. ``cache_bytes`` gives the same number as ``nbytes`` from the config alone.
 """
 
 from __future__ import annotations
@@ -23,89 +29,146 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class GlobalCache:
-    """Every key (QK-normed and RoPE'd as attention reads it) and value so far: (B, Hkv, L, D)."""
+    """Every key (QK-normed and RoPE'd as attention reads it) and value so far: (B, Hkv, C, D), C the
+    capacity. ``reserved`` fixes C (the static step writes in place); unreserved, C grows to the length."""
 
-    def __init__(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, device):
-        self.k = torch.empty(batch, n_kv, 0, head_dim, dtype=dtype, device=device)
-        self.v = torch.empty_like(self.k)
-        self.length = 0
+    def __init__(self, batch: int, n_kv: int, head_dim: int, dtype: torch.dtype, device,
+                 capacity: int | None = None):
+        self.reserved = capacity is not None
+        self.k = torch.zeros(batch, n_kv, capacity or 0, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
 
-    def prefill(self, k: torch.Tensor, v: torch.Tensor, phi: str) -> None:
-        self.k, self.v = k.detach().contiguous(), v.detach().contiguous()
-        self.length = k.shape[2]
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k = torch.cat([self.k, k.detach()], dim=2)
-        self.v = torch.cat([self.v, v.detach()], dim=2)
-        self.length += 1
+    def ensure(self, n: int) -> None:
+        """Make room for positions 0..n-1: an unreserved buffer grows to n; a reserved one must hold n."""
+        if n <= self.capacity:
+            return
+        if self.reserved:
+            raise ValueError(f"capacity: the cache holds {self.capacity} positions, decoding needs {n}; "
+                             f"reserve at least {n} (new_cache(batch, capacity=...))")
+        pad = self.k.new_zeros(*self.k.shape[:2], n - self.capacity, self.k.shape[3])
+        self.k, self.v = torch.cat([self.k, pad], dim=2), torch.cat([self.v, pad], dim=2)
+
+    def prefill(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        p = k.shape[2]
+        self.ensure(p)
+        self.k[:, :, :p] = k.detach()
+        self.v[:, :, :p] = v.detach()
+
+    def write(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the key and value (B, Hkv, 1, D) of position ``pos`` (a 0-dim tensor)."""
+        self.k.index_copy_(2, pos.view(1), k)
+        self.v.index_copy_(2, pos.view(1), v)
+
+    def valid(self, pos: torch.Tensor) -> torch.Tensor:
+        """Which buffer positions a query at ``pos`` sees: 0..pos. Shape (C,)."""
+        return torch.arange(self.capacity, device=self.k.device) <= pos
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.k, self.v]
 
 
 class LocalCache:
-    """A ring of w+1 raw keys and values; position p lives in slot p % (w+1). Optional RLA state."""
+    """A ring of the last w+1 keys (QK-normed, RoPE'd) and values; position p in slot p % (w+1).
+    RAttention adds the RLA state S (B, Hkv, 2D, D) and, with ``raw_keys`` (QK-norm on), a ring of the raw
+    keys that S is built from."""
 
     def __init__(self, batch: int, n_kv: int, head_dim: int, window: int, dtype: torch.dtype, device,
-                 with_state: bool):
+                 with_state: bool, raw_keys: bool = False):
         self.size = window + 1
         self.k = torch.zeros(batch, n_kv, self.size, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
+        self.k_raw = torch.zeros_like(self.k) if with_state and raw_keys else None
         self.state = (torch.zeros(batch, n_kv, 2 * head_dim, head_dim, dtype=_state_dtype(dtype), device=device)
                       if with_state else None)
-        self.length = 0
 
-    def slot_positions(self) -> torch.Tensor:
-        """Absolute position held by each slot after ``length`` tokens (-1 for an empty slot)."""
-        last = self.length - 1
-        slots = torch.arange(self.size, device=self.k.device)
-        return last - torch.remainder(last - slots, self.size)
-
-    def prefill(self, k_raw: torch.Tensor, v: torch.Tensor, phi: str) -> None:
+    def prefill(self, k: torch.Tensor, k_raw: torch.Tensor, v: torch.Tensor, phi: str) -> None:
         """Take the last w+1 keys of a prompt of P tokens, and S over keys i <= P - w - 2."""
-        p = k_raw.shape[2]
+        p = k.shape[2]
         start = max(0, p - self.size)
-        pos = torch.arange(start, p, device=k_raw.device)
-        self.k[:, :, pos % self.size] = k_raw[:, :, start:p].detach()
-        self.v[:, :, pos % self.size] = v[:, :, start:p].detach()
+        slots = torch.arange(start, p, device=k.device) % self.size
+        self.k[:, :, slots] = k[:, :, start:p].detach()
+        self.v[:, :, slots] = v[:, :, start:p].detach()
+        if self.k_raw is not None:
+            self.k_raw[:, :, slots] = k_raw[:, :, start:p].detach()
         if self.state is not None:
-            self.state = rla_state(k_raw.detach(), v.detach(), p - self.size, phi).to(self.state.dtype)
-        self.length = p
+            self.state.copy_(rla_state(k_raw.detach(), v.detach(), p - self.size, phi))
 
-    def append(self, k_raw: torch.Tensor, v: torch.Tensor, phi: str) -> None:
-        """Write position ``length``; the key it overwrites (position length-w-1) folds into S."""
-        slot = self.length % self.size
-        if self.state is not None and self.length >= self.size:
-            self.state = rla_fold(self.state, self.k[:, :, slot : slot + 1], self.v[:, :, slot : slot + 1], phi)
-        self.k[:, :, slot] = k_raw[:, :, 0].detach()
-        self.v[:, :, slot] = v[:, :, 0].detach()
-        self.length += 1
+    def slot(self, pos: torch.Tensor) -> torch.Tensor:
+        """The ring slot of position ``pos``, shape (1,)."""
+        return torch.remainder(pos, self.size).view(1)
+
+    def leaving(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key and value (B, Hkv, 1, D) in the slot ``pos`` overwrites: position pos-w-1 when pos > w.
+        The key is raw where a raw ring is kept, else as stored (RoPE'd; the caller un-rotates it)."""
+        slot = self.slot(pos)
+        keys = self.k_raw if self.k_raw is not None else self.k
+        return keys.index_select(2, slot), self.v.index_select(2, slot)
+
+    def fold(self, k_raw: torch.Tensor, v: torch.Tensor, phi: str) -> None:
+        """S += phi(k)^T v for the key leaving the window. While pos <= w the slot was never written: its
+        v is 0, so the fold adds exactly 0 and the step needs no branch."""
+        self.state.copy_(rla_fold(self.state, k_raw, v, phi))
+
+    def write(self, pos: torch.Tensor, k: torch.Tensor, k_raw: torch.Tensor, v: torch.Tensor) -> None:
+        """Store position ``pos`` in its slot (after its leaving key has been folded)."""
+        slot = self.slot(pos)
+        self.k.index_copy_(2, slot, k)
+        self.v.index_copy_(2, slot, v)
+        if self.k_raw is not None:
+            self.k_raw.index_copy_(2, slot, k_raw)
+
+    def valid(self, pos: torch.Tensor) -> torch.Tensor:
+        """Which slots hold a position once ``pos`` is written: slot s is filled from step s on. (w+1,)"""
+        return torch.arange(self.size, device=self.k.device) <= pos
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.k, self.v] + ([self.state] if self.state is not None else [])
+        return [t for t in (self.k, self.v, self.k_raw, self.state) if t is not None]
 
 
 @dataclass
 class ModelCache:
-    """One cache per layer; ``length`` tokens seen so far."""
+    """One cache per layer. ``length``: tokens seen (host side); ``pos``: the same count as a 0-dim
+    int64 tensor on the cache's device, which the static decode step reads and advances without a host
+    sync. ``capacity``: positions reserved for the global layers (None: they grow to the length)."""
 
     layers: list[GlobalCache | LocalCache] = field(default_factory=list)
+    pos: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
+    capacity: int | None = None
     length: int = 0
 
     @classmethod
-    def empty(cls, cfg: ModelConfig, batch: int, device=None) -> ModelCache:
+    def empty(cls, cfg: ModelConfig, batch: int, device=None, capacity: int | None = None) -> ModelCache:
+        if capacity is not None and capacity <= 0:
+            raise ValueError(f"capacity: must be > 0 or None, got {capacity}")
         dt = cfg.torch_dtype
         layers: list[GlobalCache | LocalCache] = []
         for kind in cfg.layer_kinds():
             if kind == "global":
-                layers.append(GlobalCache(batch, cfg.n_kv_heads, cfg.head_dim, dt, device))
+                layers.append(GlobalCache(batch, cfg.n_kv_heads, cfg.head_dim, dt, device, capacity))
             else:
                 layers.append(LocalCache(batch, cfg.n_kv_heads, cfg.head_dim, cfg.window, dt, device,
-                                         with_state=kind == "rattention"))
-        return cls(layers)
+                                         with_state=kind == "rattention", raw_keys=cfg.qk_norm))
+        return cls(layers, torch.zeros((), dtype=torch.long, device=device), capacity)
+
+    @property
+    def held_positions(self) -> int:
+        """Positions the global buffers hold: the reserved capacity, else the length."""
+        return self.capacity if self.capacity is not None else self.length
+
+    def ensure(self, n: int) -> None:
+        """Room for n positions in every global layer (grows an unreserved cache, checks a reserved one)."""
+        for layer in self.layers:
+            if isinstance(layer, GlobalCache):
+                layer.ensure(n)
+        if self.capacity is not None and n > self.capacity:
+            raise ValueError(f"capacity: the cache holds {self.capacity} positions, decoding needs {n}")
 
     def nbytes(self) -> int:
-        """Bytes held by the real cache tensors."""
+        """Bytes held by the real cache tensors (equals ``cache_bytes(cfg, held_positions, batch)``)."""
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
 
 
@@ -113,7 +176,7 @@ def cache_bytes(cfg: ModelConfig, context: int, batch: int = 1) -> int:
     """Cache bytes after ``context`` tokens, from the config alone (equals ``ModelCache.nbytes``).
 
     Global layer: 2 * L * Hkv * D elements. Local layer: 2 * (w+1) * Hkv * D, flat in L, plus for
-    RAttention the fp32 state Hkv * 2D * D.
+    RAttention the fp32 state Hkv * 2D * D, and with QK-norm the raw-key ring (w+1) * Hkv * D.
     """
     item = torch.empty(0, dtype=cfg.torch_dtype).element_size()
     state_item = torch.empty(0, dtype=_state_dtype(cfg.torch_dtype)).element_size()
@@ -126,4 +189,6 @@ def cache_bytes(cfg: ModelConfig, context: int, batch: int = 1) -> int:
             total += 2 * (cfg.window + 1) * kv * item
             if kind == "rattention":
                 total += cfg.n_kv_heads * 2 * cfg.head_dim * cfg.head_dim * state_item
+                if cfg.qk_norm:
+                    total += (cfg.window + 1) * kv * item
     return total * batch

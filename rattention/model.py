@@ -7,6 +7,8 @@ file wires projections, RoPE, QK-norm and the decoding cache around it.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +47,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated * sin
+
+
+def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE's inverse (the rotation by minus the angle), in the angles' dtype: recovers the raw key."""
+    return apply_rope(x.to(cos.dtype), cos, -sin)
+
+
+@dataclass
+class StepAngles:
+    """What every layer of one decode step shares: the position ``pos`` (0-dim tensor), RoPE's cos and
+    sin at ``pos`` and at ``pos - w - 1``, the position whose key leaves a local window (None where no
+    layer needs them)."""
+
+    pos: torch.Tensor
+    rope: tuple[torch.Tensor, torch.Tensor] | None
+    rope_leaving: tuple[torch.Tensor, torch.Tensor] | None
 
 
 class Attention(nn.Module):
@@ -99,10 +117,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: GlobalCache | LocalCache | None = None,
                 rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """``rope``: cos, sin for positions 0..T-1 (the model computes them once for all layers)."""
+        """The parallel pass over positions 0..T-1, filling an empty ``cache`` when given. ``rope``: cos,
+        sin for positions 0..T-1 (the model computes them once for all layers)."""
         b, t, _ = x.shape
-        if cache is not None and cache.length > 0:
-            return torch.cat([self._step(x[:, i : i + 1], cache) for i in range(t)], dim=1)
         q_raw, k_raw, v = self._project(x)
         if self.use_rope and rope is None:
             rope = self._rope(torch.arange(t, device=x.device))
@@ -115,32 +132,37 @@ class Attention(nn.Module):
             o = kernels.normed_attention(q, k, v, self.window, self.norm_swa, self.cfg.norm_eps)
         else:
             o = kernels.attention(q, k, v, self.window)
-        if cache is not None:
-            cache.prefill(k if isinstance(cache, GlobalCache) else k_raw, v, self.cfg.feature_map)
+        if isinstance(cache, GlobalCache):
+            cache.prefill(k, v)
+        elif cache is not None:
+            cache.prefill(k, k_raw, v, self.cfg.feature_map)
         return self.wo(o.transpose(1, 2).reshape(b, t, -1))
 
-    def _step(self, x: torch.Tensor, cache: GlobalCache | LocalCache) -> torch.Tensor:
-        """One token at position ``cache.length`` against the cache, which it then extends."""
+    def decode_step(self, x: torch.Tensor, cache: GlobalCache | LocalCache, at: StepAngles) -> torch.Tensor:
+        """One token (B, 1, d) at position ``at.pos`` against the cache, which it extends in place.
+        Fixed shapes, no host sync: it can be captured in a CUDA graph."""
         b = x.shape[0]
-        p = cache.length
         q_raw, k_raw, v = self._project(x)
-        rope = self._rope(torch.tensor([p], device=x.device))
-        q = self._softmax_qk(q_raw, self.q_norm, rope)
+        q = self._softmax_qk(q_raw, self.q_norm, at.rope)
+        k = self._softmax_qk(k_raw, self.k_norm, at.rope)
         if isinstance(cache, GlobalCache):
-            cache.append(self._softmax_qk(k_raw, self.k_norm, rope), v)
-            o = kernels.attention_decode(q, cache.k, cache.v)
-        else:
-            cache.append(k_raw, v, self.cfg.feature_map)
-            slot_pos = cache.slot_positions()
-            keys = self._softmax_qk(cache.k, self.k_norm, self._rope(slot_pos.clamp(min=0)))
-            o = kernels.attention_decode(q, keys, cache.v, valid=slot_pos >= 0)
-            if self.kind == "rattention":
-                o_rla = kernels.rla_decode(q_raw, cache.state, self.cfg.feature_map)
-                o = rms_norm_heads(o, self.norm_swa, self.cfg.norm_eps) + rms_norm_heads(
-                    o_rla, self.norm_rla, self.cfg.norm_eps)
-            elif self.output_norm:
-                o = rms_norm_heads(o, self.norm_swa, self.cfg.norm_eps)
-            o = o.to(x.dtype)
+            cache.write(at.pos, k, v)
+            o = kernels.attention_decode(q, cache.k, cache.v, valid=cache.valid(at.pos))
+            return self.wo(o.transpose(1, 2).reshape(b, 1, -1))
+        if cache.state is not None:  # the key at pos-w-1 leaves the window: fold its raw form into S
+            k_old, v_old = cache.leaving(at.pos)
+            if cache.k_raw is None:
+                k_old = unrotate(k_old, *at.rope_leaving)
+            cache.fold(k_old, v_old, self.cfg.feature_map)
+        cache.write(at.pos, k, k_raw, v)
+        o = kernels.attention_decode(q, cache.k, cache.v, valid=cache.valid(at.pos))
+        if self.kind == "rattention":
+            o_rla = kernels.rla_decode(q_raw, cache.state, self.cfg.feature_map)
+            o = rms_norm_heads(o, self.norm_swa, self.cfg.norm_eps) + rms_norm_heads(
+                o_rla, self.norm_rla, self.cfg.norm_eps)
+        elif self.output_norm:
+            o = rms_norm_heads(o, self.norm_swa, self.cfg.norm_eps)
+        o = o.to(x.dtype)
         return self.wo(o.transpose(1, 2).reshape(b, 1, -1))
 
 
@@ -171,6 +193,10 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), cache, rope)
         return x + self.mlp(self.mlp_norm(x))
 
+    def decode_step(self, x: torch.Tensor, cache: GlobalCache | LocalCache, at: StepAngles) -> torch.Tensor:
+        x = x + self.attn.decode_step(self.attn_norm(x), cache, at)
+        return x + self.mlp(self.mlp_norm(x))
+
 
 class LM(nn.Module):
     """Decoder-only language model over token ids."""
@@ -197,27 +223,72 @@ class LM(nn.Module):
             elif p.dim() == 2 and not name.endswith(("norm_swa", "norm_rla")):
                 nn.init.normal_(p, 0.0, std)
 
-    def forward(self, tokens: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
-        """Logits (B, T, V) for tokens (B, T). With a cache: prefill an empty one, or extend it."""
+    def forward(self, tokens: torch.Tensor, cache: ModelCache | None = None,
+                logits: Literal["all", "last"] = "all") -> torch.Tensor:
+        """Logits (B, T, V) for tokens (B, T), or with ``logits="last"`` only the last position's (B, 1, V).
+        With a cache: an empty one is filled in one parallel pass; a filled one is extended one
+        ``decode_step`` per token."""
+        if logits not in ("all", "last"):
+            raise ValueError(f"logits: expected 'all' or 'last', got {logits!r}")
+        if cache is not None and cache.length > 0:
+            return self._extend(tokens, cache, logits)
         x = self.embed(tokens)
         rope = None
-        if cache is None or cache.length == 0:  # one parallel pass: the same angles serve every layer
-            attn = next((blk.attn for blk in self.blocks if blk.attn.use_rope), None)
-            if attn is not None:
-                rope = attn._rope(torch.arange(tokens.shape[1], device=tokens.device))
+        attn = next((blk.attn for blk in self.blocks if blk.attn.use_rope), None)
+        if attn is not None:  # one parallel pass: the same angles serve every layer
+            rope = attn._rope(torch.arange(tokens.shape[1], device=tokens.device))
+        if cache is not None:
+            cache.ensure(tokens.shape[1])
         for i, block in enumerate(self.blocks):
             x = block(x, None if cache is None else cache.layers[i], rope)
         if cache is not None:
-            cache.length += tokens.shape[1]
+            cache.length = tokens.shape[1]
+            cache.pos.fill_(tokens.shape[1])
+        if logits == "last":
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+    def _extend(self, tokens: torch.Tensor, cache: ModelCache, logits: str) -> torch.Tensor:
+        """Step a filled cache through ``tokens`` one static decode step at a time."""
+        cache.ensure(cache.length + tokens.shape[1])
+        out = []
+        for i in range(tokens.shape[1]):
+            out.append(self.decode_step(tokens[:, i : i + 1], cache))
+            cache.length += 1
+        return out[-1] if logits == "last" else torch.cat(out, dim=1)
+
+    def step_angles(self, pos: torch.Tensor) -> StepAngles:
+        """RoPE angles one decode step shares across layers: at ``pos``, and at pos-w-1 for the key that
+        leaves a local window when it must be un-rotated (RAttention without QK-norm)."""
+        attn = next((blk.attn for blk in self.blocks if blk.attn.use_rope), None)
+        rope = rope_leaving = None
+        if attn is not None:
+            rope = attn._rope(pos.view(1))
+            if any(blk.attn.kind == "rattention" for blk in self.blocks) and not self.cfg.qk_norm:
+                rope_leaving = attn._rope(pos.view(1) - (self.cfg.window + 1))
+        return StepAngles(pos, rope, rope_leaving)
+
+    @torch.no_grad()
+    def decode_step(self, token: torch.Tensor, cache: ModelCache) -> torch.Tensor:
+        """The static decode step: logits (B, 1, V) for ``token`` (B, 1) at position ``cache.pos``, then
+        ``cache.pos`` advances by one. Fixed shapes and no host sync, so it can be captured in a CUDA graph;
+        the host counter ``cache.length`` is the caller's to advance (``forward`` and
+        ``rattention.generate``'s steppers do). The global buffers must have room (``cache.ensure``)."""
+        at = self.step_angles(cache.pos)
+        x = self.embed(token)
+        for block, layer in zip(self.blocks, cache.layers, strict=True):
+            x = block.decode_step(x, layer, at)
+        cache.pos.add_(1)
         return self.lm_head(self.norm(x))
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed.weight.numel() if exclude_embedding else n
 
-    def new_cache(self, batch: int) -> ModelCache:
-        """An empty decoding cache: global layers grow, local layers keep w+1 keys (+ RLA state)."""
-        return ModelCache.empty(self.cfg, batch, device=self.embed.weight.device)
+    def new_cache(self, batch: int, capacity: int | None = None) -> ModelCache:
+        """An empty decoding cache: global layers hold ``capacity`` positions (None: grow to the length),
+        local layers keep w+1 keys (+ RLA state)."""
+        return ModelCache.empty(self.cfg, batch, device=self.embed.weight.device, capacity=capacity)
 
 
 def count_params(cfg: ModelConfig, exclude_embedding: bool = False) -> int:

@@ -5,11 +5,12 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from rattention.cache import cache_bytes
+from kernels.torch_ops import rla_state
+from rattention.cache import LocalCache, cache_bytes
 from rattention.config import ModelConfig
 from rattention.errors import ConfigError
-from rattention.generate import generate, stepwise_logits
-from rattention.model import LM, count_params
+from rattention.generate import EagerStep, generate, stepwise_logits
+from rattention.model import LM, apply_rope, count_params
 
 TINY = dict(vocab_size=61, d_model=32, n_layers=4, n_heads=4, n_kv_heads=1, head_dim=8, rla_chunk=8,
             dtype="float64")
@@ -59,8 +60,9 @@ def test_decoding_equals_parallel_forward(kind, window):
     m = model(kind=kind, window=window, qk_norm=window == 3, nope_global=window != 16)
     tokens = torch.randint(0, 61, (2, 30), generator=torch.Generator().manual_seed(window))
     ref = m(tokens)
-    assert (stepwise_logits(m, tokens) - ref).abs().max() < 1e-6
-    assert (stepwise_logits(m, tokens, prefill=11) - ref).abs().max() < 1e-6
+    for static in (False, True):  # model(token, cache) over a growing cache; the static step over a reserved one
+        assert (stepwise_logits(m, tokens, static=static) - ref).abs().max() < 1e-6
+        assert (stepwise_logits(m, tokens, prefill=11, static=static) - ref).abs().max() < 1e-6
 
 
 @pytest.mark.parametrize("n_kv", [1, 2, 4])
@@ -68,30 +70,86 @@ def test_decoding_gqa(n_kv):
     m = model(kind="rattention", window=5, n_kv_heads=n_kv, feature_map="relu2")
     tokens = torch.randint(0, 61, (1, 21))
     assert (stepwise_logits(m, tokens, prefill=7) - m(tokens)).abs().max() < 1e-6
+    assert (stepwise_logits(m, tokens, prefill=7, static=True) - m(tokens)).abs().max() < 1e-6
 
 
-def test_prefill_leaves_the_same_cache_as_stepping():
-    m = model(kind="rattention", window=4)
+@pytest.mark.parametrize("layout", ["LG", "GLL", "L"])
+def test_decoding_any_layout(layout):
+    m = model(kind="rattention", window=4, layout=layout, n_layers=3, qk_norm=layout == "GLL")
+    tokens = torch.randint(0, 61, (2, 15), generator=torch.Generator().manual_seed(3))
+    ref = m(tokens)
+    for static in (False, True):
+        assert (stepwise_logits(m, tokens, prefill=6, static=static) - ref).abs().max() < 1e-6
+
+
+def layer0_keys(m: LM, tokens: torch.Tensor):
+    """Layer 0's raw keys, softmax-branch keys (QK-normed, RoPE'd) and values for ``tokens``, in parallel."""
+    attn = m.blocks[0].attn
+    _, k_raw, v = attn._project(m.blocks[0].attn_norm(m.embed(tokens)))
+    return k_raw, attn._softmax_qk(k_raw, attn.k_norm, attn._rope(torch.arange(tokens.shape[1]))), v
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_static_step_across_ring_wraparound_and_past_window(qk_norm):
+    """Prefill 3 tokens into a ring of 6 (w=5), then step 17 times: the ring fills, wraps around twice and
+    every step past the window folds the leaving key (un-rotated, or from the raw ring with QK-norm) into S."""
+    w, t_all = 5, 20
+    m = model(kind="rattention", window=w, qk_norm=qk_norm)
+    tokens = torch.randint(0, 61, (2, t_all), generator=torch.Generator().manual_seed(7))
+    ref = m(tokens)
+    k_raw, k, v = layer0_keys(m, tokens)
+    cache = m.new_cache(2, capacity=t_all)
+    out = [m(tokens[:, :3], cache, logits="last")]
+    step = EagerStep(m, cache)
+    ring: LocalCache = cache.layers[0]
+    assert (ring.k_raw is not None) == qk_norm
+    for t in range(3, t_all):
+        out.append(step(tokens[:, t : t + 1]))
+        assert cache.length == t + 1 and int(cache.pos) == t + 1
+        assert (out[-1][:, 0] - ref[:, t]).abs().max() < 1e-6, t
+        assert (ring.k[:, :, t % (w + 1)] - k[:, :, t]).abs().max() < 1e-12  # stored RoPE'd, once
+        assert (ring.state - rla_state(k_raw, v, t + 1 - (w + 1))).abs().max() < 1e-10, t  # S: keys <= t-w-1
+    assert (out[0][:, 0] - ref[:, 2]).abs().max() < 1e-6
+    assert ring.state.abs().max() > 0
+
+
+def test_unrotate_inverts_rope():
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    attn = model(kind="rattention").blocks[0].attn
+    cos, sin = attn._rope(torch.tensor([0, 7, 100, 513, 40000]))
+    from rattention.model import unrotate
+    assert (unrotate(apply_rope(x, cos, sin), cos, sin) - x).abs().max() < 1e-12
+    assert (apply_rope(x, cos, sin) - x).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("capacity", [None, 20])
+def test_prefill_leaves_the_same_cache_as_stepping(qk_norm, capacity):
+    m = model(kind="rattention", window=4, qk_norm=qk_norm)
     tokens = torch.randint(0, 61, (2, 17))
-    a, b = m.new_cache(2), m.new_cache(2)
-    m(tokens, a)
+    a, b = m.new_cache(2, capacity), m.new_cache(2, capacity)
+    m(tokens, a, logits="last")
     for t in range(tokens.shape[1]):
         m(tokens[:, t : t + 1], b)
-    assert a.length == b.length == 17
+    assert a.length == b.length == 17 and int(a.pos) == int(b.pos) == 17
     for la, lb in zip(a.layers, b.layers, strict=True):
         for x, y in zip(la.tensors(), lb.tensors(), strict=True):
-            assert torch.allclose(x, y, atol=1e-12)
+            assert x.shape == y.shape and torch.allclose(x, y, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind", ["full", "swa", "rattention"])
-def test_cache_bytes_match_real_tensors_and_local_stay_flat(kind):
-    cfg = tiny(kind=kind, window=6)
+@pytest.mark.parametrize("kind,qk_norm", [("full", False), ("swa", False), ("rattention", False),
+                                          ("rattention", True)])
+def test_cache_bytes_match_real_tensors_and_local_stay_flat(kind, qk_norm):
+    cfg = tiny(kind=kind, window=6, qk_norm=qk_norm)
     m = LM(cfg).eval()
-    cache = m.new_cache(3)
+    cache, reserved = m.new_cache(3), m.new_cache(3, capacity=25)
     sizes = []
     for t in range(20):
-        m(torch.randint(0, 61, (3, 1)), cache)
-        assert cache.nbytes() == cache_bytes(cfg, t + 1, batch=3)
+        token = torch.randint(0, 61, (3, 1))
+        m(token, cache)
+        m(token, reserved)
+        assert cache.nbytes() == cache_bytes(cfg, t + 1, batch=3)  # growing: holds exactly the length
+        assert reserved.nbytes() == cache_bytes(cfg, 25, batch=3)  # reserved: holds its capacity
         sizes.append(sum(x.nbytes for layer, k in zip(cache.layers, cfg.layer_kinds(), strict=True)
                          if k != "global" for x in layer.tensors()))
     assert len(set(sizes)) == 1  # local layers: flat in L
@@ -105,6 +163,34 @@ def test_rattention_state_is_counted():
     base = cache_bytes(tiny(kind="swa", window=6), 100)
     # 3 local layers, each with an fp64 state of Hkv * 2D * D
     assert cache_bytes(tiny(kind="rattention", window=6), 100) - base == 3 * 1 * 16 * 8 * 8
+    # with QK-norm (not invertible) each local layer also keeps its w+1 raw keys
+    qk = cache_bytes(tiny(kind="rattention", window=6, qk_norm=True), 100) - base
+    assert qk == 3 * (1 * 16 * 8 + 7 * 1 * 8) * 8  # elements (state + raw ring) times 8 bytes
+
+
+def test_last_only_logits():
+    m = model(kind="rattention", window=3)
+    tokens = torch.randint(0, 61, (2, 13))
+    full = m(tokens)
+    last = m(tokens, logits="last")
+    assert last.shape == (2, 1, 61) and (last - full[:, -1:]).abs().max() < 1e-12
+    cache = m.new_cache(2, capacity=14)
+    assert (m(tokens, cache, logits="last") - full[:, -1:]).abs().max() < 1e-12
+    nxt = torch.randint(0, 61, (2, 1))
+    assert (m(nxt, cache, logits="last")[:, 0] - m(torch.cat([tokens, nxt], 1))[:, -1]).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="logits: expected 'all' or 'last', got 'first'"):
+        m(tokens, logits="first")
+
+
+def test_reserved_cache_refuses_past_its_capacity():
+    m = model(kind="full")
+    cache = m.new_cache(1, capacity=5)
+    m(torch.randint(0, 61, (1, 4)), cache)
+    m(torch.randint(0, 61, (1, 1)), cache)
+    with pytest.raises(ValueError, match="capacity: the cache holds 5 positions, decoding needs 6"):
+        m(torch.randint(0, 61, (1, 1)), cache)
+    with pytest.raises(ValueError, match="capacity: the cache holds 5 positions, decoding needs 7"):
+        m(torch.randint(0, 61, (1, 7)), m.new_cache(1, capacity=5))
 
 
 def test_window_at_least_t_gives_normed_swa_plus_zero_rla():
@@ -171,6 +257,18 @@ def test_generate_greedy_matches_argmax():
     assert torch.equal(logits[:, 4:].argmax(-1), out[:, 5:])
     sampled = generate(m, prompt, 4, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(0))
     assert sampled.shape == (2, 9)
+    assert torch.equal(generate(m, prompt, 0), prompt)
+
+
+def test_generate_computes_only_the_logits_it_samples():
+    """Prefill of a P-token prompt projects one position to the vocabulary, never (B, P, V)."""
+    m = model(kind="swa", window=3)
+    rows = []
+    m.lm_head.register_forward_hook(lambda mod, inp, out: rows.append(tuple(out.shape)))
+    generate(m, torch.randint(0, 61, (2, 9)), max_new_tokens=4)
+    assert rows == [(2, 1, 61)] * 4  # prefill's last position, then three steps (the 4th token needs none)
+    with pytest.raises(ValueError, match="cuda_graph: needs the model and cache on a CUDA device"):
+        generate(m, torch.randint(0, 61, (2, 9)), 2, cuda_graph=True)
 
 
 def test_float32_forward_backward_runs_and_is_finite():
