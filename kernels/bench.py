@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from kernels.ops import attention_triton, rattention_triton, rla_triton
 from kernels.reference import rms_norm_heads
 from kernels.torch_ops import rla_chunked, swa_blockwise
+from kernels.triton_rla import STATE_PASS, STATE_PASSES
 
 HQ, HKV, D, TOKENS = 16, 4, 128, 65536
 T_GRID = (4096, 8192, 16384, 32768)
@@ -137,21 +138,31 @@ def _grads(out: torch.Tensor, inputs: list[torch.Tensor], do: torch.Tensor) -> l
     return list(torch.autograd.grad(out, inputs, do))
 
 
-def check(name: str, ours: Callable, ref: Callable, inputs: list[torch.Tensor], tol: float) -> dict:
-    """Compare output and every input gradient of ours (bf16) vs ref (same function in fp32)."""
-    out = ours(*inputs)
-    do = torch.randn_like(out)
-    g = _grads(out, inputs, do)
+def reference(ref: Callable, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """ref (fp32) on fp32 copies of inputs: (output, input gradients, the upstream gradient used)."""
     ref_in = [x.detach().float().requires_grad_() for x in inputs]
     r = ref(*ref_in)
-    gr = _grads(r, ref_in, do.float())
+    do = torch.randn_like(r).bfloat16().float()  # bf16 values: the same upstream gradient for a bf16 output
+    return r.detach(), _grads(r, ref_in, do), do
+
+
+def check(name: str, ours: Callable, ref: Callable | tuple, inputs: list[torch.Tensor], tol: float) -> dict:
+    """Compare output and every input gradient of ours (bf16) vs ref (same function in fp32, or its
+    ``reference`` result, shared by several checks). An op that raises fails its check."""
+    r, gr, do = reference(ref, inputs) if callable(ref) else ref
+    try:
+        out = ours(*inputs)
+        g = _grads(out, inputs, do.to(out.dtype))
+    except Exception as e:  # reported, and the op is not timed; the other checks still run
+        print(f"check {name:28s} FAIL: {type(e).__name__}: {e}", flush=True)
+        return {"name": name, "ok": False, "errors": {"exception": f"{type(e).__name__}: {str(e)[:300]}"}}
     errs = {"out": _rel(out, r)}
     for i, (a, b_) in enumerate(zip(g, gr, strict=True)):
         errs[f"grad{i}"] = _rel(a, b_)
     worst = max(errs.values())
     ok = worst < tol
     print(f"check {name:28s} worst rel err {worst:.2e} {'ok' if ok else 'FAIL'} {errs}", flush=True)
-    del out, g, r, gr
+    del out, g
     return {"name": name, "ok": ok, "errors": errs}
 
 
@@ -186,35 +197,56 @@ def peak_extra_mb(fn: Callable[[], torch.Tensor], inputs: list[torch.Tensor]) ->
     return (peak - base) / 2**20
 
 
-def one_length(t: int, flex, has_fla: bool, ceiling: float, rows: list[dict], checks: list[dict]) -> None:
+def _label(state_pass: str, chunk: int = 0) -> str:
+    """Row label of an RLA state pass (kernels.triton_rla.STATE_PASSES), the code default marked."""
+    mark = ", default" if state_pass == STATE_PASS else ""
+    return f"[{state_pass}{mark}{f', C={chunk}' if chunk else ''}]"
+
+
+def rla_variants(state_passes: tuple[str, ...]) -> list[tuple[str, int]]:
+    """(state pass, chunk) of the RLA rows: every pass at the tuned chunk (0), and the default pass at
+    chunk 64 (half the chunk states to make and read, twice the in-chunk work: the scans move that trade)."""
+    return [(sp, 0) for sp in state_passes] + ([(STATE_PASS, 64)] if STATE_PASS in state_passes else [])
+
+
+def one_length(t: int, flex, has_fla: bool, ceiling: float, rows: list[dict], checks: list[dict],
+               state_passes: tuple[str, ...] = STATE_PASSES) -> None:
     """Check, then time, every implementation at sequence length t (B = TOKENS / t); append rows."""
     b = TOKENS // t
     x = make_inputs(b, t)
     q, k, v, qr, kr, ws, wr = (x[n] for n in ("q", "k", "v", "q_raw", "k_raw", "w_swa", "w_rla"))
     t0 = time.time()
     # correctness at full size, ours (bf16) against the fp32 torch paths
-    ok: dict[str, bool] = {}
+    ok: dict[object, bool] = {}
     for w in (512, 1024, 4096):
         c = check(f"swa w={w} T={t}", lambda q_, k_, v_, w=w: attention_triton(q_, k_, v_, w),
                   lambda q_, k_, v_, w=w: swa_blockwise(q_, k_, v_, w), [q, k, v], TOL_BF16)
         checks.append(c)
         ok[f"swa{w}"] = c["ok"]
-    c = check(f"rla w=512 T={t}", lambda q_, k_, v_: rla_triton(q_, k_, v_, 512),
-              lambda q_, k_, v_: rla_chunked(q_, k_, v_, 512, "sm2", RLA_CHUNK), [qr, kr, v], TOL_BF16)
-    checks.append(c)
-    ok["rla512"] = c["ok"]
+    # RLA and RAttention under every state pass (kernels.triton_rla.STATE_PASSES), one fp32 reference each
+    ref_rla = reference(lambda q_, k_, v_: rla_chunked(q_, k_, v_, 512, "sm2", RLA_CHUNK), [qr, kr, v])
+    for sp, chunk in rla_variants(state_passes):
+        c = check(f"rla w=512 T={t} {_label(sp, chunk)}",
+                  lambda q_, k_, v_, sp=sp, chunk=chunk: rla_triton(q_, k_, v_, 512, chunk=chunk, state_pass=sp),
+                  ref_rla, [qr, kr, v], TOL_BF16)
+        checks.append(c)
+        ok[("rla512", sp, chunk)] = c["ok"]
+    del ref_rla
     for w in (512, 1024):
-        def ours(*a, w=w):
-            return rattention_triton(*a[:5], w, a[5], a[6])
-
         def ref(*a, w=w):
             o_swa = swa_blockwise(a[0], a[1], a[4], w)
             o_rla = rla_chunked(a[2], a[3], a[4], w, "sm2", RLA_CHUNK)
             return rms_norm_heads(o_swa, a[5]) + rms_norm_heads(o_rla, a[6])
 
-        c = check(f"rattention w={w} T={t}", ours, ref, [q, k, qr, kr, v, ws, wr], TOL_BF16)
-        checks.append(c)
-        ok[f"ratt{w}"] = c["ok"]
+        ref_ratt = reference(ref, [q, k, qr, kr, v, ws, wr])
+        for sp in state_passes if w == 512 else (STATE_PASS,):
+            def ours(*a, w=w, sp=sp):
+                return rattention_triton(*a[:5], w, a[5], a[6], state_pass=sp)
+
+            c = check(f"rattention w={w} T={t} {_label(sp)}", ours, ref_ratt, [q, k, qr, kr, v, ws, wr], TOL_BF16)
+            checks.append(c)
+            ok[(f"ratt{w}", sp)] = c["ok"]
+        del ref_ratt
     print(f"checks at T={t} took {time.time() - t0:.1f}s", flush=True)
 
     all_in = [q, k, qr, kr, v, ws, wr]
@@ -222,12 +254,15 @@ def one_length(t: int, flex, has_fla: bool, ceiling: float, rows: list[dict], ch
     for w in (512, 1024, 4096):
         impls.append((f"ours SWA w={w}", w, lambda w=w: attention_triton(q, k, v, w), [q, k, v],
                       swa_flops(b, t, w), None if ok[f"swa{w}"] else "failed check"))
-    impls.append(("ours RLA w=512", 512, lambda: rla_triton(qr, kr, v, 512), [qr, kr, v],
-                  rla_flops(b, t), None if ok["rla512"] else "failed check"))
+    for sp, chunk in rla_variants(state_passes):
+        impls.append((f"ours RLA w=512 {_label(sp, chunk)}", 512,
+                      lambda sp=sp, chunk=chunk: rla_triton(qr, kr, v, 512, chunk=chunk, state_pass=sp), [qr, kr, v],
+                      rla_flops(b, t), None if ok[("rla512", sp, chunk)] else "failed check"))
     for w in (512, 1024):
-        impls.append((f"ours RAttention w={w}", w,
-                      lambda w=w: rattention_triton(q, k, qr, kr, v, w, ws, wr), all_in,
-                      swa_flops(b, t, w) + rla_flops(b, t), None if ok[f"ratt{w}"] else "failed check"))
+        for sp in state_passes if w == 512 else (STATE_PASS,):
+            impls.append((f"ours RAttention w={w} {_label(sp)}", w,
+                          lambda w=w, sp=sp: rattention_triton(q, k, qr, kr, v, w, ws, wr, state_pass=sp), all_in,
+                          swa_flops(b, t, w) + rla_flops(b, t), None if ok[(f"ratt{w}", sp)] else "failed check"))
     # SDPA on kv heads repeated beforehand, so that the flash backend serves it
     ke, ve = (z.detach().repeat_interleave(HQ // HKV, dim=1).requires_grad_() for z in (k, v))
     impls.append(("SDPA full causal", None,
@@ -236,8 +271,15 @@ def one_length(t: int, flex, has_fla: bool, ceiling: float, rows: list[dict], ch
     for w in (512, 1024, 4096):
         impls.append((f"FlexAttention SWA w={w}", w, lambda w=w: flex(q, k, v, w), [q, k, v],
                       swa_flops(b, t, w), None))
-    impls.append(("fla chunk_linear_attn dk=256", None, None, [], 0.0,
-                  None if has_fla else "unavailable (fla not importable)"))
+    if has_fla:  # the anchor for RLA: chunked linear attention, feature dim 2D = 256, one state per query head
+        from fla.ops.linear_attn import chunk_linear_attn
+
+        fq, fk = (torch.randn(b, t, HQ, 2 * D, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(2))
+        fv = torch.randn(b, t, HQ, D, device="cuda", dtype=torch.bfloat16).requires_grad_()
+        impls.append(("fla chunk_linear_attn dk=256", None, lambda: chunk_linear_attn(fq, fk, fv, normalize=False)[0],
+                      [fq, fk, fv], 0.0, None))
+    else:
+        impls.append(("fla chunk_linear_attn dk=256", None, None, [], 0.0, "unavailable (fla not importable)"))
     impls.append(("unfused composite w=512", 512, lambda: composite(flex, x, 512, ws, wr), all_in,
                   swa_flops(b, t, 512) + rla_flops(b, t), None))
     for name, w, fn, ins, flops, skip in impls:
@@ -266,9 +308,12 @@ def one_length(t: int, flex, has_fla: bool, ceiling: float, rows: list[dict], ch
               flush=True)
 
 
-def run(t_grid: tuple[int, ...], out_json: Path, out_md: Path | None, tuned: dict | None = None) -> list[dict]:
+def run(t_grid: tuple[int, ...], out_json: Path, out_md: Path | None, tuned: dict | None = None,
+        state_passes: tuple[str, ...] = STATE_PASSES) -> list[dict]:
     torch.manual_seed(0)
     import triton
+
+    t_start = time.time()
 
     dev = torch.cuda.get_device_name()
     ceiling = matmul_ceiling()
@@ -283,15 +328,18 @@ def run(t_grid: tuple[int, ...], out_json: Path, out_md: Path | None, tuned: dic
     rows: list[dict] = []
     checks: list[dict] = []
     for t in t_grid:
-        one_length(t, flex, has_fla, ceiling, rows, checks)
+        t0 = time.time()
+        one_length(t, flex, has_fla, ceiling, rows, checks, state_passes)
         torch.cuda.empty_cache()
+        print(f"T={t} took {time.time() - t0:.1f}s (checks, compiles and timings)", flush=True)
 
     record = {
         "device": dev, "torch": torch.__version__, "triton": triton.__version__, "commit": _git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m kernels.bench", "shapes": {"dtype": "bfloat16", "Hq": HQ, "Hkv": HKV, "D": D,
                                                         "tokens": TOKENS, "T": list(t_grid)},
-        "matmul_ceiling_tflops": ceiling, "checks": checks, "rows": rows, "tune": tuned,
+        "matmul_ceiling_tflops": ceiling, "state_pass_default": STATE_PASS, "checks": checks, "rows": rows,
+        "tune": tuned, "wall_s": round(time.time() - t_start, 1),
         "notes": "fwd_bwd TFLOP/s count the backward as 2.5x the forward for softmax attention and 2x for RLA; "
                  "RLA FLOPs are the chunk form's useful work (chunk 16, as in earlier records). The composite "
                  "uses the torch chunked RLA (fp32) in place of fla, which is not installed on this box.",
@@ -330,9 +378,26 @@ def markdown(record: dict) -> str:
         r8 = by.get((n, 8192))
         tf = f"{r8['fwd_bwd_tflops']:.0f}" if r8 and r8.get("fwd_bwd_tflops") else "-"
         lines.append(f"| {n} | " + " | ".join(cells) + f" | {tf} |")
-    mem = [r for r in record["rows"] if r["impl"] == "ours RAttention w=512" and r["peak_extra_mb"] is not None]
+    lines += ["", "RLA state passes (kernels.triton_rla.STATE_PASSES; [..., default] is the code default): "
+              "cumsum = chunk contributions written by one kernel, then a torch prefix sum; scan = one program "
+              "per (batch, kv head, state tile) walks every chunk, state in registers; segscan = segment sums, "
+              "a prefix sum over segments, then one program per segment."]
+    default = record.get("state_pass_default", STATE_PASS)
+    for t in ts:  # the state passes side by side, against the cumsum pass and fla
+        ms = {n: by[(n, t)]["fwd_bwd_ms"] for n in names if (n, t) in by and by[(n, t)]["fwd_bwd_ms"]}
+        fla = ms.get("fla chunk_linear_attn dk=256")
+        for what in ("ours RLA w=512", "ours RAttention w=512"):
+            base = next((v for n, v in ms.items() if n.startswith(f"{what} [cumsum")), None)
+            cells = [f"{n[len(what) + 1:]} {v:.2f} ms" + (f" ({v / base:.2f}x cumsum)" if base else "")
+                     + (f" ({v / fla:.2f}x fla)" if fla and "RLA" in what else "")
+                     for n, v in ms.items() if n.startswith(f"{what} [")]
+            if cells:
+                lines += ["", f"T={t} {what} fwd+bwd: " + "; ".join(cells)]
+    mem = [r for r in record["rows"] if r["impl"] == f"ours RAttention w=512 {_label(default)}"
+           and r["peak_extra_mb"] is not None]
     if mem:
-        lines += ["", "Peak extra memory of ours RAttention w=512, fwd+bwd (B*T fixed, so per-token cost): "
+        lines += ["", f"Peak extra memory of ours RAttention w=512 [{default}], fwd+bwd (B*T fixed, so per-token "
+                  "cost): "
                   + ", ".join(f"T={r['T']}: {r['peak_extra_mb']:.0f} MB "
                               f"({r['peak_extra_mb'] * 2**20 / TOKENS:.0f} B/token)" for r in mem)]
     return "\n".join(lines) + "\n"
@@ -349,6 +414,8 @@ RLA_AXES = (
     ("output/dV bf16 operands", ({}, {"out_lowp": True})),
     ("dq/dk value block", ({}, {"grad_bv": 64})),
     ("stages", ({}, {"out_stages": 3, "grad_stages": 3})),
+    ("state scan tile (BK, BV), warps, stages", ({}, {"scan_bv": 32}, {"scan_bk": 64, "scan_warps": 4},
+                                                 {"scan_warps": 4}, {"scan_stages": 3})),
 )
 SWA_VARIANTS = (  # overrides of kernels.triton_swa.GPU_BLOCKS; the first is the default
     {},
@@ -481,18 +548,20 @@ def _sm90_resources(fn, args: tuple, kwargs: dict) -> dict:
             "smem": k.metadata.shared, **opts}
 
 
-def ptxas_report(variants: list[dict] | None = None, t: int = 8192, window: int = 512) -> list[dict]:
+def ptxas_report(variants: list[tuple[str, dict]] | None = None, t: int = 8192, window: int = 512) -> list[dict]:
     """ptxas resources of every RLA kernel launch of one forward+backward at the bench shapes (bf16, B*T =
-    65536) for the GPU defaults and each tuning alternative: the launchers run on meta tensors and a
-    recorder stands in for each kernel."""
+    65536) for the GPU defaults under each state pass, and each tuning alternative under the default pass:
+    the launchers run on meta tensors and a recorder stands in for each kernel."""
     from kernels import triton_rla as R
 
     if variants is None:
-        variants = [{}] + [var for _, alts in RLA_AXES for var in alts[1:]]
+        variants = [(sp, {}) for sp in R.STATE_PASSES]
+        variants += [(R.STATE_PASS, var) for _, alts in RLA_AXES for var in alts[1:]]
     rows: list[dict] = []
-    kernels = {"_chunk_sum_kernel": R._chunk_sum_kernel, "_rla_out_kernel": R._rla_out_kernel,
-               "_rla_grad_kernel": R._rla_grad_kernel}
-    launches: list[tuple[str, tuple, dict]] = []
+    kernels = {"_chunk_sum_kernel": R._chunk_sum_kernel, "_state_scan_kernel": R._state_scan_kernel,
+               "_rla_out_kernel": R._rla_out_kernel, "_rla_grad_kernel": R._rla_grad_kernel}
+    launches: list[tuple[str, str, tuple, dict]] = []
+    phase = ["fwd"]
     seen: dict[tuple, dict] = {}  # one compile per distinct specialization
 
     class Recorder:
@@ -500,7 +569,7 @@ def ptxas_report(variants: list[dict] | None = None, t: int = 8192, window: int 
             self.name = name
 
         def __getitem__(self, grid):
-            return lambda *args, **kwargs: launches.append((self.name, args, kwargs))
+            return lambda *args, **kwargs: launches.append((phase[0], self.name, args, kwargs))
 
     b = TOKENS // t
 
@@ -512,23 +581,25 @@ def ptxas_report(variants: list[dict] | None = None, t: int = 8192, window: int 
         R.interpreted, R.check_launch = (lambda: False), (lambda x: None)
         for name in kernels:
             setattr(R, name, Recorder(name))
-        for var in variants:
+        for sp, var in variants:
             R.GPU_CFG.clear()
             R.GPU_CFG.update(saved[0], **var)
             launches.clear()
             q, k, v = view(HQ), view(HKV), view(HKV)
-            _, states = R.rla_fwd(q, k, v, window)
+            phase[0] = "fwd"
+            _, states = R.rla_fwd(q, k, v, window, state_pass=sp)
             do = torch.empty(q.shape, device="meta", dtype=torch.float32)
-            R.rla_bwd(do, q, k, v, states, window)
-            for i, (name, args, kwargs) in enumerate(launches):
-                what = ("fwd " if i < 2 else "bwd ") + name.strip("_").replace("_kernel", "")
+            phase[0] = "bwd"
+            R.rla_bwd(do, q, k, v, states, window, state_pass=sp)
+            for i, (ph, name, args, kwargs) in enumerate(launches):
+                what = f"{ph} " + name.strip("_").replace("_kernel", "")
                 key = (name, tuple(str(a.dtype) if isinstance(a, torch.Tensor) else a == 1 for a in args),
                        tuple(sorted(kwargs.items())))
                 if key not in seen:
                     seen[key] = _sm90_resources(kernels[name], args, dict(kwargs))
-                row = {"cfg": var, "launch": f"{i}: {what}", **seen[key]}
+                row = {"state_pass": sp, "cfg": var, "launch": f"{i}: {what}", **seen[key]}
                 rows.append(row)
-                print(f"ptxas sm_90a {str(var):48s} {row['launch']:22s} regs {row['regs']:3d}  spill st/ld "
+                print(f"ptxas sm_90a {sp:8s} {str(var):48s} {row['launch']:22s} regs {row['regs']:3d}  spill st/ld "
                       f"{row['spill_st']}/{row['spill_ld']} B  smem {row['smem']} B  warps {row['num_warps']}",
                       flush=True)
     finally:
@@ -548,6 +619,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tune", action="store_true",
                    help="first time RLA/SWA tile variants at T=8192 and apply the fastest (checked) ones")
     p.add_argument("--tune-only", action="store_true", help="only the tuning pass")
+    p.add_argument("--state-passes", nargs="*", default=list(STATE_PASSES), choices=STATE_PASSES,
+                   help="RLA state passes to check and time side by side (default: all)")
     p.add_argument("--ptxas", action="store_true",
                    help="no GPU needed: registers/spills of the RLA kernels on sm_90a for each tuning variant")
     a = p.parse_args(argv)
@@ -564,7 +637,7 @@ def main(argv: list[str] | None = None) -> None:
             a.out.parent.mkdir(parents=True, exist_ok=True)
             a.out.write_text(json.dumps({"tune": tuned}, indent=1))
             return
-    run(tuple(a.T), a.out, a.md, tuned)
+    run(tuple(a.T), a.out, a.md, tuned, tuple(a.state_passes))
 
 
 if __name__ == "__main__":

@@ -91,14 +91,14 @@ def _rla_sizes(d: int, chunk: int, seg_chunks: int) -> tuple[int, int]:
 
 @torch.library.custom_op("rattention::rla_fwd", mutates_args=())
 def _rla_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, phi: str, chunk: int,
-                seg_chunks: int) -> tuple[torch.Tensor, torch.Tensor]:
+                seg_chunks: int, state_pass: str) -> tuple[torch.Tensor, torch.Tensor]:
     from kernels.triton_rla import rla_fwd
 
-    return rla_fwd(q, k, v, window, phi, chunk or None, seg_chunks or None)
+    return rla_fwd(q, k, v, window, phi, chunk or None, seg_chunks or None, state_pass=state_pass or None)
 
 
 @_rla_fwd_op.register_fake
-def _(q, k, v, window, phi, chunk, seg_chunks):
+def _(q, k, v, window, phi, chunk, seg_chunks, state_pass):
     b, h, t, d = q.shape
     c, m = _rla_sizes(d, chunk, seg_chunks)
     nc = -(-t // c)
@@ -109,28 +109,29 @@ def _(q, k, v, window, phi, chunk, seg_chunks):
 
 @torch.library.custom_op("rattention::rla_bwd", mutates_args=())
 def _rla_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, states: torch.Tensor,
-                window: int, phi: str, chunk: int, seg_chunks: int
+                window: int, phi: str, chunk: int, seg_chunks: int, state_pass: str
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from kernels.triton_rla import rla_bwd
 
-    return rla_bwd(do, q, k, v, states, window, phi, chunk or None, seg_chunks or None)
+    return rla_bwd(do, q, k, v, states, window, phi, chunk or None, seg_chunks or None,
+                   state_pass=state_pass or None)
 
 
 @_rla_bwd_op.register_fake
-def _(do, q, k, v, states, window, phi, chunk, seg_chunks):
+def _(do, q, k, v, states, window, phi, chunk, seg_chunks, state_pass):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _rla_setup(ctx, inputs, output):
-    q, k, v, window, phi, chunk, seg_chunks = inputs
+    q, k, v, window, phi, chunk, seg_chunks, state_pass = inputs
     ctx.save_for_backward(q, k, v, output[1])
-    ctx.args = (window, phi, chunk, seg_chunks)
+    ctx.args = (window, phi, chunk, seg_chunks, state_pass)
 
 
 def _rla_backward(ctx, do, dstates):
     q, k, v, states = ctx.saved_tensors
     dq, dk, dv = torch.ops.rattention.rla_bwd(do, q, k, v, states, *ctx.args)
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 _rla_fwd_op.register_autograd(_rla_backward, setup_context=_rla_setup)
@@ -211,19 +212,20 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
 
 
 def rla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, phi: str = "sm2",
-               chunk: int = 0, seg_chunks: int = 0) -> torch.Tensor:
-    """Residual linear attention through the Triton op, fp32 output; 0 picks the default chunk/segment."""
-    return torch.ops.rattention.rla_fwd(q, k, v, window, phi, chunk, seg_chunks)[0]
+               chunk: int = 0, seg_chunks: int = 0, state_pass: str = "") -> torch.Tensor:
+    """Residual linear attention through the Triton op, fp32 output; 0 picks the default chunk/segment,
+    "" the default state pass (kernels.triton_rla.STATE_PASS)."""
+    return torch.ops.rattention.rla_fwd(q, k, v, window, phi, chunk, seg_chunks, state_pass)[0]
 
 
 def rattention_triton(
     q_rope: torch.Tensor, k_rope: torch.Tensor, q_raw: torch.Tensor, k_raw: torch.Tensor, v: torch.Tensor,
     window: int, w_swa: torch.Tensor, w_rla: torch.Tensor, phi: str = "sm2", eps: float = 1e-6,
-    scale: float | None = None, chunk: int = 0, seg_chunks: int = 0,
+    scale: float | None = None, chunk: int = 0, seg_chunks: int = 0, state_pass: str = "",
 ) -> torch.Tensor:
     """``rattention`` through the Triton ops: SWA, RLA, then the fused two-norm merge."""
     o_swa = attention_triton(q_rope, k_rope, v, window, scale)
-    o_rla = rla_triton(q_raw, k_raw, v, window, phi, chunk, seg_chunks)
+    o_rla = rla_triton(q_raw, k_raw, v, window, phi, chunk, seg_chunks, state_pass)
     return torch.ops.rattention.merge_fwd(o_swa, o_rla, w_swa, w_rla, eps)[0]
 
 

@@ -34,6 +34,18 @@ import triton.language as tl
 from kernels.triton_utils import check_launch, dot_precision, interpreted, mm, new_output
 
 PHI_IDS = {"sm2": 0, "relu2": 1}
+# How the chunk states S_c (forward) and dH_c (backward) are made, all exact to the same sums:
+#   "cumsum":  one kernel writes every chunk's contribution (fp32), a torch prefix sum over chunks turns
+#              the buffer into states in place (written, read, written, read again);
+#   "scan":    one program per (batch, kv head, state tile) walks every chunk in order, the state in
+#              registers, and stores each S_c once (the forward: and the segment starts, for the backward);
+#   "segscan": segment sums on chip, a prefix sum over the m-times-fewer segments, then one program per
+#              (batch, kv head, state tile, segment) walks its m chunks (m times the parallelism of "scan").
+# The backward's forward states always start from the saved segment starts, one program per segment,
+# under both scans. The forward's S_c is stored in bf16 under both scans when the output kernel rounds
+# it to bf16 anyway (out_lowp).
+STATE_PASSES = ("cumsum", "scan", "segscan")
+STATE_PASS = "segscan"
 
 
 @triton.jit
@@ -82,6 +94,21 @@ def _half(x, m, iz, valid, NEG: tl.constexpr, PHI: tl.constexpr):
     else:
         y = tl.maximum(-x, 0.0) if NEG else tl.maximum(x, 0.0)
     return tl.where(valid[:, None], y, 0.0)
+
+
+@triton.jit
+def _phi_rows(x, valid, PHI: tl.constexpr):
+    """Both halves of phi on whole fp32 rows x (R, D), each exponential computed once (the statistics'
+    exponentials are phi's numerators): (f(x), f(-x)), rows not valid set to zero."""
+    if PHI == 0:
+        ep = tl.exp(x - tl.max(x, 1)[:, None])
+        en = tl.exp(tl.min(x, 1)[:, None] - x)
+        fp = ep * (1.0 / tl.sum(ep, 1))[:, None]
+        fn = en * (1.0 / tl.sum(en, 1))[:, None]
+    else:
+        fp = tl.maximum(x, 0.0)
+        fn = tl.maximum(-x, 0.0)
+    return tl.where(valid[:, None], fp, 0.0), tl.where(valid[:, None], fn, 0.0)
 
 
 @triton.jit
@@ -164,6 +191,85 @@ def _chunk_sum_kernel(
     base = OUT + (pid_bh * NSLOT + p) * 2 * D * D
     tl.store(base + offs_d[:, None] * D + offs_v[None, :], acc_p)
     tl.store(base + (D + offs_d)[:, None] * D + offs_v[None, :], acc_n)
+
+
+@triton.jit
+def _store_state(ptr, tile, acc_p, acc_n, D: tl.constexpr, ROUND: tl.constexpr):
+    """Store one state tile (both halves) at ptr + tile, cast to the buffer's dtype (ROUND: rounded to
+    bf16 first, as the GPU's cast rounds, for the interpreter's truncating cast)."""
+    if ROUND:
+        acc_p = _round_bf16(acc_p)
+        acc_n = _round_bf16(acc_n)
+    tl.store(ptr + tile, acc_p.to(ptr.dtype.element_ty))
+    tl.store(ptr + D * D + tile, acc_n.to(ptr.dtype.element_ty))
+
+
+@triton.jit
+def _state_scan_kernel(
+    X, Y, INIT, OUT, SEG, sxb, sxh, sxt, syb, syh, syt,
+    T, HKV, G, OFF, NC, L, MSAVE,
+    D: tl.constexpr, C: tl.constexpr, CB: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PHI: tl.constexpr, PREC: tl.constexpr, REV: tl.constexpr, TOTAL: tl.constexpr, HAS_INIT: tl.constexpr,
+    SAVE_SEG: tl.constexpr, ROUND: tl.constexpr,
+):
+    """The states of one (BK features of each half, BV values) tile, accumulated on chip in fp32.
+
+    Slot p stands for chunk c = p (REV: c = NC - 1 - p); its contribution is sum_g phi(X_c)^T Y_c over
+    rows [cC + OFF, cC + OFF + C), read in blocks of CB. Program (tile, j, batch x kv head) walks the
+    slots [jL, jL + L) in order from INIT[j] (zero without INIT), and stores at each slot the state
+    before its chunk: OUT[p] = INIT[j] + the contributions of slots jL .. p - 1; SAVE_SEG also stores
+    it to SEG[p / MSAVE] where p = 0 mod MSAVE. TOTAL instead stores only the sum of the contributions
+    of the slots [(j - 1)L, jL) to OUT[j] (zero at j = 0): a prefix sum over j then gives INIT."""
+    pid_t = tl.program_id(0)
+    j = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    b = pid_bh // HKV
+    hk = pid_bh % HKV
+    offs_c = tl.arange(0, CB)
+    offs_k = (pid_t // (D // BV)) * BK + tl.arange(0, BK)
+    offs_v = (pid_t % (D // BV)) * BV + tl.arange(0, BV)
+    tile = offs_k[:, None] * D + offs_v[None, :]  # within one half; the other half is D rows further
+    acc_p = tl.zeros([BK, BV], tl.float32)
+    acc_n = tl.zeros([BK, BV], tl.float32)
+    if TOTAL:
+        p0 = (j - 1) * L
+        n = tl.where(j == 0, 0, tl.minimum(L, NC - p0))
+    else:
+        p0 = j * L
+        n = tl.minimum(L, NC - p0)
+        if HAS_INIT:
+            src = INIT + (pid_bh * tl.num_programs(1) + j) * 2 * D * D
+            acc_p += tl.load(src + tile)
+            acc_n += tl.load(src + D * D + tile)
+    for i in range(0, n):
+        p = p0 + i
+        if not TOTAL:
+            _store_state(OUT + (pid_bh * NC + p) * 2 * D * D, tile, acc_p, acc_n, D, ROUND)
+            if SAVE_SEG:  # noqa: SIM102 (a compile-time branch around a run-time one)
+                if p % MSAVE == 0:
+                    nsave = (NC + MSAVE - 1) // MSAVE
+                    _store_state(SEG + (pid_bh * nsave + p // MSAVE) * 2 * D * D, tile, acc_p, acc_n, D, False)
+        c = NC - 1 - p if REV else p
+        for g in range(0, G):
+            h = hk * G + g
+            for rb in range(0, C, CB):
+                rows = c * C + OFF + rb + offs_c
+                ok = (rows >= 0) & (rows < T)
+                x_ptr = X + b * sxb + h * sxh + rows[:, None] * sxt
+                if BK == D:  # whole rows: phi from the tile itself, each exponential once
+                    x = tl.load(x_ptr + offs_k[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+                    fp, fn = _phi_rows(x, ok, PHI)
+                else:  # BK columns of each half, the rows' statistics read in BK blocks first
+                    mp, ip, mn, inn = _stats_blocked(x_ptr, ok, CB, D, BK, PHI)
+                    x = tl.load(x_ptr + offs_k[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+                    fp = _half(x, mp, ip, ok, False, PHI)
+                    fn = _half(x, mn, inn, ok, True, PHI)
+                y = tl.load(Y + b * syb + h * syh + rows[:, None] * syt + offs_v[None, :], mask=ok[:, None],
+                            other=0.0).to(tl.float32)
+                acc_p += mm(tl.trans(fp), y, PREC, False)
+                acc_n += mm(tl.trans(fn), y, PREC, False)
+    if TOTAL:
+        _store_state(OUT + (pid_bh * tl.num_programs(1) + j) * 2 * D * D, tile, acc_p, acc_n, D, False)
 
 
 @triton.jit
@@ -322,17 +428,23 @@ def _rla_grad_kernel(
 # stages. Overridable for tuning (kernels.bench --tune). Measured on the H200 at T=8192, w=512, fwd+bwd:
 # 8 warps 18.6 ms, 4 warps 13.3 ms; chunk 32 12.5 ms vs 64 13.2 ms; then, axis by axis (kernels.bench
 # --tune): chunk-sum 4 warps, out_bv 128, bf16 output/dV operands, grad_bv 64: 10.1 ms (benchmarks/README.md).
+# "scan_*": the state scans' tile (BK features of each half, BV values), row block, warps, stages; not yet
+# measured, chosen from sm_90a ptxas (kernels.bench --ptxas): BK = D computes phi of a row once per tile
+# (each exponential once) and leaves one loop per chunk, which Triton pipelines (cp.async); BV = 64 gives
+# 2 tiles per head (phi twice per row, as the chunk-sum kernel) at 151-210 registers, 8 warps, no spills.
 GPU_CFG = {
     "C": 32, "m": 16,
     "sum_cb": 32, "sum_bv": 64, "sum_warps": 4,
     "out_bm": 32, "out_cb": 32, "out_bk": 32, "out_bv": 128, "out_warps": 4, "out_stages": 2, "out_lowp": True,
     "grad_bm": 32, "grad_cb": 32, "grad_bv": 64, "grad_warps": 4, "grad_stages": 2,
+    "scan_bk": 128, "scan_cb": 32, "scan_bv": 64, "scan_warps": 8, "scan_stages": 2,
 }
 INTERP_CFG = {
     "C": 16, "m": 2,
     "sum_cb": 16, "sum_bv": 64, "sum_warps": 4,
     "out_bm": 16, "out_cb": 16, "out_bk": 64, "out_bv": 64, "out_warps": 4, "out_stages": 1, "out_lowp": False,
     "grad_bm": 16, "grad_cb": 16, "grad_bv": 64, "grad_warps": 4, "grad_stages": 1,
+    "scan_bk": 64, "scan_cb": 16, "scan_bv": 64, "scan_warps": 4, "scan_stages": 1,
 }
 
 
@@ -341,9 +453,9 @@ def _cfg(d: int, chunk: int | None, seg_chunks: int | None) -> dict:
     cfg["C"] = chunk or cfg["C"]
     cfg["m"] = seg_chunks or cfg["m"]
     c = cfg["C"]
-    for key in ("sum_bv", "out_bk", "out_bv", "grad_bv"):
+    for key in ("sum_bv", "out_bk", "out_bv", "grad_bv", "scan_bk", "scan_bv"):
         cfg[key] = min(cfg[key], d)
-    for key in ("out_bm", "grad_bm", "sum_cb", "out_cb", "grad_cb"):
+    for key in ("out_bm", "grad_bm", "sum_cb", "out_cb", "grad_cb", "scan_cb"):
         cfg[key] = min(cfg[key], c)
     return cfg
 
@@ -386,6 +498,47 @@ def _chunk_sums(x: torch.Tensor, y: torch.Tensor, hkv: int, off: int, nslot: int
     return out
 
 
+def _scan_states(x: torch.Tensor, y: torch.Tensor, hkv: int, off: int, nc: int, seg: int, rev: bool, cfg: dict,
+                 phi: str, init: torch.Tensor | None = None, total: bool = False, save_every: int = 0,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """_state_scan_kernel over segments of ``seg`` slots: (states by slot (B, Hkv, nc, 2D, D) in ``dtype``,
+    or with ``total`` the segment sums (B, Hkv, ceil(nc / seg), 2D, D) fp32; the fp32 states at every
+    ``save_every``-th slot, or None)."""
+    b, hx, t, d = x.shape
+    bk, bv = cfg["scan_bk"], cfg["scan_bv"]
+    nseg = triton.cdiv(nc, seg)
+    out = new_output((b, hkv, nseg if total else nc, 2 * d, d), torch.float32 if total else dtype, x.device)
+    saved = new_output((b, hkv, triton.cdiv(nc, save_every), 2 * d, d), torch.float32, x.device) \
+        if save_every else None
+    lowp = out.dtype in (torch.bfloat16, torch.float16)
+    _state_scan_kernel[((d // bk) * (d // bv), nseg, b * hkv)](
+        x, y, init if init is not None else out, out, saved if saved is not None else out,
+        x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
+        t, hkv, hx // hkv, off, nc, seg, save_every or 1,
+        D=d, C=cfg["C"], CB=cfg["scan_cb"], BK=bk, BV=bv, PHI=PHI_IDS[phi], PREC=dot_precision(x.dtype), REV=rev,
+        TOTAL=total, HAS_INIT=init is not None, SAVE_SEG=bool(save_every), ROUND=lowp and interpreted(),
+        num_warps=cfg["scan_warps"], num_stages=cfg["scan_stages"],
+    )
+    return out, saved
+
+
+def _segment_starts(x: torch.Tensor, y: torch.Tensor, hkv: int, off: int, nc: int, m: int, rev: bool, cfg: dict,
+                    phi: str) -> torch.Tensor:
+    """The fp32 states at slots 0, m, 2m, ... (B, Hkv, ceil(nc / m), 2D, D): segment sums on chip, then
+    a prefix sum over the (m times fewer) segments."""
+    starts, _ = _scan_states(x, y, hkv, off, nc, m, rev, cfg, phi, total=True)
+    if starts.shape[2] > 1:
+        starts.cumsum_(dim=2)
+    return starts
+
+
+def _state_pass(state_pass: str | None) -> str:
+    state_pass = state_pass or STATE_PASS
+    if state_pass not in STATE_PASSES:
+        raise ValueError(f"state_pass: unknown {state_pass!r}; allowed: {', '.join(STATE_PASSES)}")
+    return state_pass
+
+
 def _launch_out(a, bt, vt, st, out, t, ha, hs, gdiv, ng, shift, nslot, rev, cfg, phi, prec):
     b, _, _, d = a.shape
     c, bm, bv = cfg["C"], cfg["out_bm"], cfg["out_bv"]
@@ -418,8 +571,10 @@ def _launch_grad(x, xa, y, z, st, out, t, ha, hs, gdiv, ng, shift, nslot, nc, re
 def rla_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, phi: str = "sm2",
     chunk: int | None = None, seg_chunks: int | None = None, block_v: int | None = None,
+    state_pass: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward launch: (o (B, Hq, T, D) fp32, segment-start states (B, Hkv, NS, 2D, D) fp32)."""
+    """Forward launch: (o (B, Hq, T, D) fp32, segment-start states (B, Hkv, NS, 2D, D) fp32).
+    ``state_pass`` picks how the chunk states are made (STATE_PASSES; None: STATE_PASS)."""
     check_launch(q)
     q, k, v = (_lastdim_contig(x) for x in (q, k, v))
     b, hq, t, d = q.shape
@@ -431,18 +586,31 @@ def rla_fwd(
     _check(q, window, phi, c)
     s = window + 1
     nc = triton.cdiv(t, c)
-    # slot p holds phi(k_{p-1})^T v_{p-1}, slot 0 zero; the prefix sum over slots is S_p
-    states = _chunk_sums(k, v, hkv, -s, nc, nc + 1, False, None, cfg, phi)
-    if nc > 1:
-        states.cumsum_(dim=2)
+    state_pass = _state_pass(state_pass)
+    if state_pass == "cumsum":
+        # slot p holds phi(k_{p-1})^T v_{p-1}, slot 0 zero; the prefix sum over slots is S_p
+        states = _chunk_sums(k, v, hkv, -s, nc, nc + 1, False, None, cfg, phi)
+        if nc > 1:
+            states.cumsum_(dim=2)
+        seg = states[:, :, ::m].clone()
+    else:
+        # with bf16 output products the output kernel reads S_c rounded to bf16: store it so (half the bytes)
+        lowp = bool(cfg["out_lowp"]) and q.dtype in (torch.bfloat16, torch.float16)
+        dtype = torch.bfloat16 if lowp else torch.float32
+        if state_pass == "scan":
+            states, seg = _scan_states(k, v, hkv, -s, nc, nc, False, cfg, phi, save_every=m, dtype=dtype)
+        else:
+            seg = _segment_starts(k, v, hkv, -s, nc, m, False, cfg, phi)
+            states, _ = _scan_states(k, v, hkv, -s, nc, m, False, cfg, phi, init=seg, dtype=dtype)
     o = new_output((b, hq, t, d), torch.float32, q.device)
     _launch_out(q, k, v, states, o, t, hq, hkv, hq // hkv, 1, s, nc, False, cfg, phi, dot_precision(q.dtype))
-    return o, states[:, :, ::m].clone()
+    return o, seg
 
 
 def rla_bwd(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, states: torch.Tensor, window: int,
     phi: str = "sm2", chunk: int | None = None, seg_chunks: int | None = None, block_v: int | None = None,
+    state_pass: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward launch from the saved segment states: (dq, dk, dv) in the dtypes of q, k, v."""
     check_launch(q)
@@ -459,17 +627,31 @@ def rla_bwd(
     nc = triton.cdiv(t, c)
     ns = triton.cdiv(nc, m)
     prec = dot_precision(q.dtype)
-    # chunk states inside each segment: slot p = segment start (p = 0 mod m) or phi(k_{p-1})^T v_{p-1},
-    # then a prefix sum within each segment
-    st = _chunk_sums(k, v, hkv, -s, ns * m, m, False, states.contiguous(), cfg, phi)
-    if m > 1:
-        st.view(b, hkv, ns, m, 2 * d, d).cumsum_(dim=3)
-    # reverse states: dH_c = sum over query chunks c' > c of the group's phi(q)^T do, at slot nc - 1 - c
-    dst = _chunk_sums(q, do, hkv, 0, nc, nc + 1, True, None, cfg, phi)
-    if nc > 1:
-        dst.cumsum_(dim=2)
+    state_pass = _state_pass(state_pass)
+    if state_pass == "cumsum":
+        # chunk states inside each segment: slot p = segment start (p = 0 mod m) or phi(k_{p-1})^T v_{p-1},
+        # then a prefix sum within each segment
+        st = _chunk_sums(k, v, hkv, -s, ns * m, m, False, states.contiguous(), cfg, phi)
+        if m > 1:
+            st.view(b, hkv, ns, m, 2 * d, d).cumsum_(dim=3)
+        nst = ns * m
+        # reverse states: dH_c = sum over query chunks c' > c of the group's phi(q)^T do, at slot nc - 1 - c
+        dst = _chunk_sums(q, do, hkv, 0, nc, nc + 1, True, None, cfg, phi)
+        if nc > 1:
+            dst.cumsum_(dim=2)
+    else:
+        # chunk states: one program per segment walks it from its saved start
+        st, _ = _scan_states(k, v, hkv, -s, nc, m, False, cfg, phi, init=states.contiguous())
+        nst = nc
+        # reverse states dH (as above), walked from the end: the whole sequence per program, or segment
+        # sums, their prefix sum, then one program per segment
+        if state_pass == "scan":
+            dst, _ = _scan_states(q, do, hkv, 0, nc, nc, True, cfg, phi)
+        else:
+            dst, _ = _scan_states(q, do, hkv, 0, nc, m, True, cfg, phi,
+                                  init=_segment_starts(q, do, hkv, 0, nc, m, True, cfg, phi))
     dq = new_output((b, hq, t, d), q.dtype, q.device)
-    _launch_grad(do, q, v, k, st, dq, t, hq, hkv, g, 1, s, ns * m, nc, False, cfg, phi, prec)
+    _launch_grad(do, q, v, k, st, dq, t, hq, hkv, g, 1, s, nst, nc, False, cfg, phi, prec)
     # keys never seen by any query (j >= NC*C - s) sit in no key chunk: their gradient is zero
     dk = new_output((b, hkv, t, d), k.dtype, q.device)
     dv = new_output((b, hkv, t, d), v.dtype, q.device)
@@ -484,21 +666,21 @@ class RLAFunction(torch.autograd.Function):
     """Autograd wrapper over the launchers, callable directly (tests run it on CPU under the interpreter)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, window, phi, chunk, seg_chunks):
-        o, states = rla_fwd(q, k, v, window, phi, chunk, seg_chunks)
+    def forward(ctx, q, k, v, window, phi, chunk, seg_chunks, state_pass):
+        o, states = rla_fwd(q, k, v, window, phi, chunk, seg_chunks, state_pass=state_pass)
         ctx.save_for_backward(q, k, v, states)
         ctx.args = (window, phi, chunk, seg_chunks)
+        ctx.state_pass = state_pass
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, states = ctx.saved_tensors
-        window, phi, chunk, seg_chunks = ctx.args
-        dq, dk, dv = rla_bwd(do, q, k, v, states, window, phi, chunk, seg_chunks)
-        return dq, dk, dv, None, None, None, None
+        dq, dk, dv = rla_bwd(do, q, k, v, states, *ctx.args, state_pass=ctx.state_pass)
+        return dq, dk, dv, None, None, None, None, None
 
 
 def rla(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, phi: str = "sm2",
-        chunk: int | None = None, seg_chunks: int | None = None) -> torch.Tensor:
+        chunk: int | None = None, seg_chunks: int | None = None, state_pass: str | None = None) -> torch.Tensor:
     """Differentiable Triton residual linear attention, output fp32 (no torch.compile registration)."""
-    return RLAFunction.apply(q, k, v, window, phi, chunk, seg_chunks)
+    return RLAFunction.apply(q, k, v, window, phi, chunk, seg_chunks, state_pass)

@@ -18,11 +18,12 @@ def _weights(hq, d, seed=0):
 
 
 @needs_triton
+@pytest.mark.parametrize("state_pass", ["cumsum", "scan", "segscan"])  # kernels.triton_rla.STATE_PASSES
 @pytest.mark.parametrize("window", [0, 9, 40])
-def test_rattention_triton_op_matches_reference(window):
+def test_rattention_triton_op_matches_reference(window, state_pass):
     q, qr, k, kr, v = qkv(2, 40, 4, 1, 32, torch.float32, n_q=2, n_k=3)
     ws, wr = _weights(4, 32)
-    fn = lambda *a: ops.rattention_triton(*a[:5], window, a[5], a[6], "sm2", 1e-6, None, 16, 2)
+    fn = lambda *a: ops.rattention_triton(*a[:5], window, a[5], a[6], "sm2", 1e-6, None, 16, 2, state_pass)
     ref = lambda *a: rattention_naive(*a[:5], window, a[5], a[6])
     compare(fn, ref, [q, k, qr, kr, v, ws, wr], TOL[torch.float32])
 
