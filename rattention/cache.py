@@ -15,6 +15,7 @@ and no host sync. ``cache_bytes`` gives the same number as ``nbytes`` from the c
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +27,31 @@ from rattention.config import ModelConfig
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, split: int = 256) -> torch.Tensor:
+    """One query step of softmax attention over a cache: q (B, Hq, 1, D) against k, v (B, Hkv, S, D), the
+    slots where ``valid`` (S,) is False masked out; output (B, Hq, 1, D) in v's dtype.
+
+    ``kernels.attention_decode`` computed in a form that keeps a GPU busy at long S: the value sum is
+    split over the key axis in blocks of ``split`` (flash-decoding's split-K, in torch), so B*Hkv*S/split
+    small matmuls run side by side instead of B*Hkv long ones; the partial sums add up in fp32.
+    """
+    b, hkv, s, d = k.shape
+    g = q.shape[1] // hkv
+    acc = _state_dtype(q.dtype)
+    scores = torch.matmul(q.reshape(b, hkv, g, d), k.transpose(-1, -2)).to(acc) * (1.0 / math.sqrt(d))
+    p = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1).to(v.dtype)  # (B, Hkv, g, S)
+    n = s // split
+    if n <= 1:
+        return torch.matmul(p, v).reshape(b, hkv * g, 1, d)
+    m = n * split
+    blocks = torch.matmul(p[..., :m].reshape(b, hkv, g, n, split).transpose(2, 3),
+                          v[:, :, :m].reshape(b, hkv, n, split, d))  # (B, Hkv, n, g, D)
+    o = blocks.sum(dim=2, dtype=acc)
+    if m < s:
+        o = o + torch.matmul(p[..., m:], v[:, :, m:]).to(acc)
+    return o.to(v.dtype).reshape(b, hkv * g, 1, d)
 
 
 class GlobalCache:
@@ -60,8 +86,8 @@ class GlobalCache:
 
     def write(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the key and value (B, Hkv, 1, D) of position ``pos`` (a 0-dim tensor)."""
-        self.k.index_copy_(2, pos.view(1), k)
-        self.v.index_copy_(2, pos.view(1), v)
+        self.k.index_copy_(2, pos.view(1), k.to(self.k.dtype))
+        self.v.index_copy_(2, pos.view(1), v.to(self.v.dtype))
 
     def valid(self, pos: torch.Tensor) -> torch.Tensor:
         """Which buffer positions a query at ``pos`` sees: 0..pos. Shape (C,)."""
@@ -116,10 +142,10 @@ class LocalCache:
     def write(self, pos: torch.Tensor, k: torch.Tensor, k_raw: torch.Tensor, v: torch.Tensor) -> None:
         """Store position ``pos`` in its slot (after its leaving key has been folded)."""
         slot = self.slot(pos)
-        self.k.index_copy_(2, slot, k)
-        self.v.index_copy_(2, slot, v)
+        self.k.index_copy_(2, slot, k.to(self.k.dtype))
+        self.v.index_copy_(2, slot, v.to(self.v.dtype))
         if self.k_raw is not None:
-            self.k_raw.index_copy_(2, slot, k_raw)
+            self.k_raw.index_copy_(2, slot, k_raw.to(self.k_raw.dtype))
 
     def valid(self, pos: torch.Tensor) -> torch.Tensor:
         """Which slots hold a position once ``pos`` is written: slot s is filled from step s on. (w+1,)"""

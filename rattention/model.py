@@ -16,7 +16,7 @@ from torch import nn
 
 import kernels
 from kernels.reference import rms_norm_heads
-from rattention.cache import GlobalCache, LocalCache, ModelCache
+from rattention.cache import GlobalCache, LocalCache, ModelCache, attend
 from rattention.config import ModelConfig
 
 
@@ -147,7 +147,7 @@ class Attention(nn.Module):
         k = self._softmax_qk(k_raw, self.k_norm, at.rope)
         if isinstance(cache, GlobalCache):
             cache.write(at.pos, k, v)
-            o = kernels.attention_decode(q, cache.k, cache.v, valid=cache.valid(at.pos))
+            o = attend(q, cache.k, cache.v, cache.valid(at.pos))
             return self.wo(o.transpose(1, 2).reshape(b, 1, -1))
         if cache.state is not None:  # the key at pos-w-1 leaves the window: fold its raw form into S
             k_old, v_old = cache.leaving(at.pos)
@@ -155,7 +155,7 @@ class Attention(nn.Module):
                 k_old = unrotate(k_old, *at.rope_leaving)
             cache.fold(k_old, v_old, self.cfg.feature_map)
         cache.write(at.pos, k, k_raw, v)
-        o = kernels.attention_decode(q, cache.k, cache.v, valid=cache.valid(at.pos))
+        o = attend(q, cache.k, cache.v, cache.valid(at.pos))
         if self.kind == "rattention":
             o_rla = kernels.rla_decode(q_raw, cache.state, self.cfg.feature_map)
             o = rms_norm_heads(o, self.norm_swa, self.cfg.norm_eps) + rms_norm_heads(
@@ -262,8 +262,8 @@ class LM(nn.Module):
         leaves a local window when it must be un-rotated (RAttention without QK-norm)."""
         attn = next((blk.attn for blk in self.blocks if blk.attn.use_rope), None)
         rope = rope_leaving = None
-        if attn is not None:
-            rope = attn._rope(pos.view(1))
+        if attn is not None:  # q and k rotate in the model's dtype (as in the parallel pass), cast once here
+            rope = tuple(x.to(self.cfg.torch_dtype) for x in attn._rope(pos.view(1)))
             if any(blk.attn.kind == "rattention" for blk in self.blocks) and not self.cfg.qk_norm:
                 rope_leaving = attn._rope(pos.view(1) - (self.cfg.window + 1))
         return StepAngles(pos, rope, rope_leaving)

@@ -279,3 +279,15 @@ def test_float32_forward_backward_runs_and_is_finite():
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+@pytest.mark.parametrize("s,split", [(7, 256), (512, 256), (700, 256), (1029, 64)])
+def test_split_decode_attention_equals_the_kernels_one(s, split):
+    """The cache's split-K decode attention (blocks of ``split`` keys, a tail) against kernels.attention_decode."""
+    from rattention.cache import attend
+    g = torch.Generator().manual_seed(s)
+    q = torch.randn(2, 6, 1, 8, dtype=torch.float64, generator=g)
+    k, v = (torch.randn(2, 2, s, 8, dtype=torch.float64, generator=g) for _ in range(2))
+    valid = torch.arange(s) <= s - 3
+    ref = kernels.attention_decode(q, k, v, valid=valid)
+    assert (attend(q, k, v, valid, split=split) - ref).abs().max() < 1e-12
