@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rattention.cache import ModelCache, cache_bytes  # noqa: E402
+from rattention.cache import BLOCK, ModelCache, cache_bytes  # noqa: E402
 from rattention.config import ModelConfig  # noqa: E402
 from rattention.generate import EagerStep, GraphStep, stepwise_logits  # noqa: E402
 from rattention.model import LM  # noqa: E402
@@ -233,7 +233,8 @@ def main() -> None:
         "graph: the static step captured once in a CUDA graph and replayed; eager: the same step called directly"
         + (" (CPU run: no graph column)" if device.type == "cpu" else ""),
         f"cache (real) = ModelCache.nbytes() of the reserved cache (capacity = context + "
-        f"{2 * (args.warmup + args.steps) + 1} steps); cache_bytes() at that capacity: "
+        f"{2 * (args.warmup + args.steps) + 1} steps, rounded up to whole {BLOCK}-position blocks); "
+        "cache_bytes() at that capacity: "
         + ("equal in every cell" if not mismatched else f"MISMATCH in {len(mismatched)} cells"),
         f"checks (max abs logit diff, static step vs parallel forward and graph vs eager): {checks}",
     ]

@@ -24,18 +24,22 @@ from kernels import rla_fold
 from kernels.torch_ops import rla_state
 from rattention.config import ModelConfig
 
+BLOCK = 256  # a reserved global buffer holds a multiple of this many positions: ``attend``'s key block
+
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, split: int = 256) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, split: int = BLOCK) -> torch.Tensor:
     """One query step of softmax attention over a cache: q (B, Hq, 1, D) against k, v (B, Hkv, S, D), the
     slots where ``valid`` (S,) is False masked out; output (B, Hq, 1, D) in v's dtype.
 
     ``kernels.attention_decode`` computed in a form that keeps a GPU busy at long S: the value sum is
     split over the key axis in blocks of ``split`` (flash-decoding's split-K, in torch), so B*Hkv*S/split
-    small matmuls run side by side instead of B*Hkv long ones; the partial sums add up in fp32.
+    small matmuls run side by side instead of B*Hkv long ones; the partial sums add up in fp32. Short
+    caches (under 4 blocks) take one matmul. When S is a multiple of ``split`` (a reserved global buffer)
+    the blocks are views; a tail costs a copy of the values.
     """
     b, hkv, s, d = k.shape
     g = q.shape[1] // hkv
@@ -43,7 +47,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tenso
     scores = torch.matmul(q.reshape(b, hkv, g, d), k.transpose(-1, -2)).to(acc) * (1.0 / math.sqrt(d))
     p = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1).to(v.dtype)  # (B, Hkv, g, S)
     n = s // split
-    if n <= 1:
+    if n < 4:
         return torch.matmul(p, v).reshape(b, hkv * g, 1, d)
     m = n * split
     blocks = torch.matmul(p[..., :m].reshape(b, hkv, g, n, split).transpose(2, 3),
@@ -159,7 +163,8 @@ class LocalCache:
 class ModelCache:
     """One cache per layer. ``length``: tokens seen (host side); ``pos``: the same count as a 0-dim
     int64 tensor on the cache's device, which the static decode step reads and advances without a host
-    sync. ``capacity``: positions reserved for the global layers (None: they grow to the length)."""
+    sync. ``capacity``: positions reserved for the global layers, a multiple of ``BLOCK`` (None: they grow
+    to the length)."""
 
     layers: list[GlobalCache | LocalCache] = field(default_factory=list)
     pos: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.long))
@@ -168,8 +173,11 @@ class ModelCache:
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch: int, device=None, capacity: int | None = None) -> ModelCache:
+        """An empty cache; a reserved ``capacity`` is rounded up to a multiple of ``BLOCK`` positions."""
         if capacity is not None and capacity <= 0:
             raise ValueError(f"capacity: must be > 0 or None, got {capacity}")
+        if capacity is not None:
+            capacity = -(-capacity // BLOCK) * BLOCK
         dt = cfg.torch_dtype
         layers: list[GlobalCache | LocalCache] = []
         for kind in cfg.layer_kinds():

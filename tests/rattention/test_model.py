@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels.torch_ops import rla_state
-from rattention.cache import LocalCache, cache_bytes
+from rattention.cache import BLOCK, LocalCache, cache_bytes
 from rattention.config import ModelConfig
 from rattention.errors import ConfigError
 from rattention.generate import EagerStep, generate, stepwise_logits
@@ -143,13 +143,14 @@ def test_cache_bytes_match_real_tensors_and_local_stay_flat(kind, qk_norm):
     cfg = tiny(kind=kind, window=6, qk_norm=qk_norm)
     m = LM(cfg).eval()
     cache, reserved = m.new_cache(3), m.new_cache(3, capacity=25)
+    assert reserved.capacity == BLOCK  # reserved in whole blocks
     sizes = []
     for t in range(20):
         token = torch.randint(0, 61, (3, 1))
         m(token, cache)
         m(token, reserved)
         assert cache.nbytes() == cache_bytes(cfg, t + 1, batch=3)  # growing: holds exactly the length
-        assert reserved.nbytes() == cache_bytes(cfg, 25, batch=3)  # reserved: holds its capacity
+        assert reserved.nbytes() == cache_bytes(cfg, BLOCK, batch=3)  # reserved: holds its capacity
         sizes.append(sum(x.nbytes for layer, k in zip(cache.layers, cfg.layer_kinds(), strict=True)
                          if k != "global" for x in layer.tensors()))
     assert len(set(sizes)) == 1  # local layers: flat in L
@@ -184,13 +185,14 @@ def test_last_only_logits():
 
 def test_reserved_cache_refuses_past_its_capacity():
     m = model(kind="full")
-    cache = m.new_cache(1, capacity=5)
-    m(torch.randint(0, 61, (1, 4)), cache)
+    cache = m.new_cache(1, capacity=BLOCK - 3)
+    assert cache.capacity == BLOCK
+    m(torch.randint(0, 61, (1, BLOCK - 1)), cache)
     m(torch.randint(0, 61, (1, 1)), cache)
-    with pytest.raises(ValueError, match="capacity: the cache holds 5 positions, decoding needs 6"):
+    with pytest.raises(ValueError, match=f"capacity: the cache holds {BLOCK} positions, decoding needs {BLOCK + 1}"):
         m(torch.randint(0, 61, (1, 1)), cache)
-    with pytest.raises(ValueError, match="capacity: the cache holds 5 positions, decoding needs 7"):
-        m(torch.randint(0, 61, (1, 7)), m.new_cache(1, capacity=5))
+    with pytest.raises(ValueError, match=f"capacity: the cache holds {BLOCK} positions, decoding needs {BLOCK + 2}"):
+        m(torch.randint(0, 61, (1, BLOCK + 2)), m.new_cache(1, capacity=5))
 
 
 def test_window_at_least_t_gives_normed_swa_plus_zero_rla():
@@ -281,7 +283,7 @@ def test_float32_forward_backward_runs_and_is_finite():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
 
 
-@pytest.mark.parametrize("s,split", [(7, 256), (512, 256), (700, 256), (1029, 64)])
+@pytest.mark.parametrize("s,split", [(7, 256), (1024, 256), (1100, 256), (1029, 64)])
 def test_split_decode_attention_equals_the_kernels_one(s, split):
     """The cache's split-K decode attention (blocks of ``split`` keys, a tail) against kernels.attention_decode."""
     from rattention.cache import attend
