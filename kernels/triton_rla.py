@@ -6,17 +6,23 @@ index arithmetic on the key pointers, with no padded copies. phi (sm2 or relu2) 
 from q and k tiles and never written to memory; phi's two halves [f(x), f(-x)] are handled as two
 (rows, D) tiles, and a state (2D, D) as its two (D, D) halves.
 
-Chunk-parallel: one kernel writes every chunk's state contribution phi(k_c)^T v_c (fp32) into slot
-c + 1 of a (B, Hkv, NC, 2D, D) buffer, an in-place prefix sum over slots turns it into the states
-S_c, and then every (chunk, head) program is independent: no program walks the sequence, and phi of
-a tile is computed once per program instead of once per value block of a sequential scan. The
-softmax statistics (row max/min and 1/sum) of a tile are computed once; feature blocks of phi are
-recomputed from them where a product contracts over features (K-loop), so states stream through
-shared memory in (BK, BV) tiles.
+Chunk-parallel: the chunk states S_c (B, Hkv, NC, 2D, D) are made first (the state pass), then every
+(chunk, head) program of the output and gradient kernels is independent: phi of a tile is computed
+once per program instead of once per value block of a sequential scan. The softmax statistics (row
+max/min and 1/sum) of a tile are computed once; feature blocks of phi are recomputed from them where a
+product contracts over features (K-loop), so states stream through shared memory in (BK, BV) tiles.
+
+The state pass (STATE_PASSES): "cumsum" writes every chunk's contribution phi(k_c)^T v_c (fp32) into
+slot c + 1 of the buffer and an in-place torch prefix sum over slots turns it into the states (the
+buffer is written, read, written and read again); "scan" and "segscan" accumulate the prefix sum on
+chip (_state_scan_kernel: one program per state tile walks chunks in order, the fp32 state in
+registers, and stores each S_c once), over the whole sequence ("scan") or within segments of m chunks
+seeded by a prefix sum of segment sums ("segscan", m times the programs).
 
 Flexible state saving: the forward returns (and autograd saves) the fp32 state only at segment
 starts, every m chunks, (B, Hkv, NS, 2D, D). The backward recomputes the chunk states inside each
-segment from them (segment start + prefix sum of the chunk contributions within the segment).
+segment from them (segment start + prefix sum of the chunk contributions within the segment, or a
+scan of the segment from its start).
 
 Gradients (dH_c = sum over query chunks c' > c of the group's phi(q)^T do, a reverse prefix sum):
   dphi_q = do S^T + mask(do v^T) phi(k)                      (_rla_grad_kernel, rows = queries)
