@@ -31,27 +31,36 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor, split: int = BLOCK) -> torch.Tensor:
+def key_block(s: int, most: int = BLOCK) -> int:
+    """The key block ``attend`` splits a cache of s slots into: the largest divisor of s up to ``most`` (so
+    the blocks are views: a reserved global buffer, a ring of 4097 in blocks of 241), or ``most`` when s
+    has none of at least most/8 (the tail then costs a copy); s itself below 4 blocks."""
+    if s < 4 * most:
+        return s
+    block = next(d for d in range(most, 0, -1) if s % d == 0)
+    return block if block >= most // 8 else most
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """One query step of softmax attention over a cache: q (B, Hq, 1, D) against k, v (B, Hkv, S, D), the
     slots where ``valid`` (S,) is False masked out; output (B, Hq, 1, D) in v's dtype.
 
     ``kernels.attention_decode`` computed in a form that keeps a GPU busy at long S: the value sum is
-    split over the key axis in blocks of ``split`` (flash-decoding's split-K, in torch), so B*Hkv*S/split
-    small matmuls run side by side instead of B*Hkv long ones; the partial sums add up in fp32. Short
-    caches (under 4 blocks) take one matmul. When S is a multiple of ``split`` (a reserved global buffer)
-    the blocks are views; a tail costs a copy of the values.
+    split over the key axis in blocks (``key_block``; flash-decoding's split-K, in torch), so
+    B*Hkv*S/block small matmuls run side by side instead of B*Hkv long ones; the partials add up in fp32.
     """
     b, hkv, s, d = k.shape
     g = q.shape[1] // hkv
     acc = _state_dtype(q.dtype)
     scores = torch.matmul(q.reshape(b, hkv, g, d), k.transpose(-1, -2)).to(acc) * (1.0 / math.sqrt(d))
     p = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1).to(v.dtype)  # (B, Hkv, g, S)
-    n = s // split
-    if n < 4:
+    block = key_block(s)
+    if block == s:
         return torch.matmul(p, v).reshape(b, hkv * g, 1, d)
-    m = n * split
-    blocks = torch.matmul(p[..., :m].reshape(b, hkv, g, n, split).transpose(2, 3),
-                          v[:, :, :m].reshape(b, hkv, n, split, d))  # (B, Hkv, n, g, D)
+    n = s // block
+    m = n * block
+    blocks = torch.matmul(p[..., :m].reshape(b, hkv, g, n, block).transpose(2, 3),
+                          v[:, :, :m].reshape(b, hkv, n, block, d))  # (B, Hkv, n, g, D)
     o = blocks.sum(dim=2, dtype=acc)
     if m < s:
         o = o + torch.matmul(p[..., m:], v[:, :, m:]).to(acc)

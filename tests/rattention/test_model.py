@@ -283,13 +283,16 @@ def test_float32_forward_backward_runs_and_is_finite():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
 
 
-@pytest.mark.parametrize("s,split", [(7, 256), (1024, 256), (1100, 256), (1029, 64)])
-def test_split_decode_attention_equals_the_kernels_one(s, split):
-    """The cache's split-K decode attention (blocks of ``split`` keys, a tail) against kernels.attention_decode."""
-    from rattention.cache import attend
+@pytest.mark.parametrize("s", [7, 513, 4 * BLOCK, 4097, 1031])
+def test_split_decode_attention_equals_the_kernels_one(s):
+    """The cache's split-K decode attention (key blocks that divide S, or a tail) against
+    kernels.attention_decode."""
+    from rattention.cache import attend, key_block
+    assert key_block(513) == 513 and key_block(4097) == 241 and key_block(4 * BLOCK) == BLOCK
+    assert key_block(1031) == BLOCK  # a prime: no divisor of at least BLOCK/8, so a tail
     g = torch.Generator().manual_seed(s)
     q = torch.randn(2, 6, 1, 8, dtype=torch.float64, generator=g)
     k, v = (torch.randn(2, 2, s, 8, dtype=torch.float64, generator=g) for _ in range(2))
     valid = torch.arange(s) <= s - 3
     ref = kernels.attention_decode(q, k, v, valid=valid)
-    assert (attend(q, k, v, valid, split=split) - ref).abs().max() < 1e-12
+    assert (attend(q, k, v, valid) - ref).abs().max() < 1e-12
