@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU round on a lent H200 (the device machine: torch and triton, no network, no venv): the CUDA test
-# target, then the kernel and decode benchmarks and an ncu profile of RLA, each under its own time limit so
+# One GPU round on a lent H200 (the device machine: torch and triton, no network, no venv): the kernel and
+# decode benchmarks, an ncu profile of RLA, then the CUDA test target, each under its own time limit so
 # that one stall cannot eat the others' time. Everything it writes is copied to $OUT (default: gpu-round/).
 #
 #   GIT_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_round.sh      # on the GPU box, from the repo root
@@ -29,9 +29,11 @@ step() {  # step NAME SECONDS COMMAND...: run it under a time limit, its output 
   printf '%-12s rc=%-3s %4ss  %s\n' "$name" "$rc" "$((SECONDS - t0))" "$(tail -1 "$OUT/$name.log")" | tee -a "$OUT/steps.txt"
 }
 
-step test-gpu "${TEST_GPU_S:-150}" make -s test-gpu PY=python3
 step kernels "${KERNELS_S:-120}" python3 -m kernels.bench --T 8192 --out "$OUT/kernels-h200.json" --md "$OUT/kernels-h200.md"
 step decode "${DECODE_S:-120}" python3 benchmarks/bench_decode.py --out "$OUT/decode-h200.json"
-step ncu-rla "${NCU_S:-60}" ncu --metrics gpu__time_duration.sum --csv python3 kernels/profile_rla.py
+step ncu-rla "${NCU_S:-60}" sh -c "ncu --profile-from-start off --clock-control none --print-units base \
+  --metrics gpu__time_duration.sum --csv python3 kernels/profile_rla.py > '$OUT/ncu-rla.csv'"
+step ncu-sum 30 python3 kernels/profile_rla.py --summarize "$OUT/ncu-rla.csv"
+step test-gpu "${TEST_GPU_S:-150}" make -s test-gpu PY=python3
 echo "--- steps"; cat "$OUT/steps.txt"
-for f in kernels decode; do echo "--- $f (last lines)"; tail -25 "$OUT/$f.log"; done
+for f in kernels decode ncu-sum test-gpu; do echo "--- $f (last lines)"; tail -25 "$OUT/$f.log"; done
