@@ -4,7 +4,8 @@ Import only torch, triton and numpy here: a GPU box without the orchestration st
 """
 
 from kernels.ops import attention, attention_decode, normed_attention, rattention, rla_decode, rla_fold
-from kernels.reference import FEATURE_MAPS, feature_map
+from kernels.reference import FEATURE_MAPS, feature_map, rms_norm_heads
+from kernels.torch_ops import rla_state
 
 __all__ = [
     "FEATURE_MAPS",
@@ -15,4 +16,6 @@ __all__ = [
     "rattention",
     "rla_decode",
     "rla_fold",
+    "rla_state",
+    "rms_norm_heads",
 ]

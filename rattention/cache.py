@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels import rla_fold
-from kernels.torch_ops import rla_state
+from kernels import rla_fold, rla_state
 from rattention.config import ModelConfig
 
 BLOCK = 256  # a reserved global buffer holds a multiple of this many positions: ``attend``'s key block

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from kernels.reference import rms_norm_heads
+from kernels import rms_norm_heads
 from rattention.cache import GlobalCache, LocalCache, ModelCache, attend
 from rattention.config import ModelConfig
 
