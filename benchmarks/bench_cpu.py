@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 import kernels.ops
-from kernels.reference import merge_naive, rla_naive
-from kernels.torch_ops import swa_blockwise
+from kernels.merge.naive import merge_naive
+from kernels.rla.naive import rla_naive
+from kernels.swa.blockwise import swa_blockwise
 from rattention.config import ModelConfig
 from rattention.generate import generate
 from rattention.model import LM

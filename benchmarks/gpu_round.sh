@@ -32,8 +32,8 @@ step() {  # step NAME SECONDS COMMAND...: run it under a time limit, its output 
 step kernels "${KERNELS_S:-120}" python3 -m kernels.bench --T 8192 --out "$OUT/kernels-h200.json" --md "$OUT/kernels-h200.md"
 step decode "${DECODE_S:-120}" python3 benchmarks/bench_decode.py --out "$OUT/decode-h200.json"
 step ncu-rla "${NCU_S:-60}" sh -c "ncu --profile-from-start off --clock-control none --print-units base \
-  --metrics gpu__time_duration.sum --csv python3 kernels/profile_rla.py > '$OUT/ncu-rla.csv'"
-step ncu-sum 30 python3 kernels/profile_rla.py --summarize "$OUT/ncu-rla.csv"
+  --metrics gpu__time_duration.sum --csv python3 kernels/rla/profile.py > '$OUT/ncu-rla.csv'"
+step ncu-sum 30 python3 kernels/rla/profile.py --summarize "$OUT/ncu-rla.csv"
 step test-gpu "${TEST_GPU_S:-150}" make -s test-gpu PY=python3
 echo "--- steps"; cat "$OUT/steps.txt"
 for f in kernels decode ncu-sum test-gpu; do echo "--- $f (last lines)"; tail -25 "$OUT/$f.log"; done

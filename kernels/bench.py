@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kernels.common import rms_norm_heads
 from kernels.ops import attention_triton, rattention_triton, rla_triton
-from kernels.reference import rms_norm_heads
-from kernels.torch_ops import rla_chunked, swa_blockwise
-from kernels.triton_rla import STATE_PASS, STATE_PASSES
+from kernels.rla.chunked import rla_chunked
+from kernels.rla.triton import STATE_PASS, STATE_PASSES
+from kernels.swa.blockwise import swa_blockwise
 
 HQ, HKV, D, TOKENS = 16, 4, 128, 65536
 T_GRID = (4096, 8192, 16384, 32768)
@@ -198,7 +199,7 @@ def peak_extra_mb(fn: Callable[[], torch.Tensor], inputs: list[torch.Tensor]) ->
 
 
 def _label(state_pass: str, chunk: int = 0) -> str:
-    """Row label of an RLA state pass (kernels.triton_rla.STATE_PASSES), the code default marked."""
+    """Row label of an RLA state pass (kernels.rla.triton.STATE_PASSES), the code default marked."""
     mark = ", default" if state_pass == STATE_PASS else ""
     return f"[{state_pass}{mark}{f', C={chunk}' if chunk else ''}]"
 
@@ -223,7 +224,7 @@ def one_length(t: int, flex, has_fla: bool, ceiling: float, rows: list[dict], ch
                   lambda q_, k_, v_, w=w: swa_blockwise(q_, k_, v_, w), [q, k, v], TOL_BF16)
         checks.append(c)
         ok[f"swa{w}"] = c["ok"]
-    # RLA and RAttention under every state pass (kernels.triton_rla.STATE_PASSES), one fp32 reference each
+    # RLA and RAttention under every state pass (kernels.rla.triton.STATE_PASSES), one fp32 reference each
     ref_rla = reference(lambda q_, k_, v_: rla_chunked(q_, k_, v_, 512, "sm2", RLA_CHUNK), [qr, kr, v])
     for sp, chunk in rla_variants(state_passes):
         c = check(f"rla w=512 T={t} {_label(sp, chunk)}",
@@ -384,7 +385,7 @@ def markdown(record: dict) -> str:
         r8 = by.get((n, 8192))
         tf = f"{r8['fwd_bwd_tflops']:.0f}" if r8 and r8.get("fwd_bwd_tflops") else "-"
         lines.append(f"| {n} | " + " | ".join(cells) + f" | {tf} |")
-    lines += ["", "RLA state passes (kernels.triton_rla.STATE_PASSES; [..., default] is the code default): "
+    lines += ["", "RLA state passes (kernels.rla.triton.STATE_PASSES; [..., default] is the code default): "
               "cumsum = chunk contributions written by one kernel, then a torch prefix sum; scan = one program "
               "per (batch, kv head, state tile) walks every chunk, state in registers; segscan = segment sums, "
               "a prefix sum over segments, then one program per segment."]
@@ -411,7 +412,7 @@ def markdown(record: dict) -> str:
 
 # RLA tuning, coordinate-wise: each axis is tried in order on top of the best found so far (its first
 # entry keeps that best), so one run combines the gains of different axes. Overrides of
-# kernels.triton_rla.GPU_CFG, whose values are the last run's picks.
+# kernels.rla.triton.GPU_CFG, whose values are the last run's picks.
 RLA_AXES = (
     ("chunk-sum warps", ({}, {"sum_warps": 4})),
     ("chunk-sum value block (phi(k) once)", ({}, {"sum_bv": 128, "sum_warps": 8})),
@@ -423,7 +424,7 @@ RLA_AXES = (
     ("state scan tile (BK, BV), warps, stages", ({}, {"scan_bv": 32}, {"scan_bk": 64, "scan_warps": 4},
                                                  {"scan_warps": 4}, {"scan_stages": 3})),
 )
-SWA_VARIANTS = (  # overrides of kernels.triton_swa.GPU_BLOCKS; the first is the default
+SWA_VARIANTS = (  # overrides of kernels.swa.triton.GPU_BLOCKS; the first is the default
     {},
     {"dq": (128, 64, 8, 3)},
 )
@@ -432,7 +433,7 @@ SWA_VARIANTS = (  # overrides of kernels.triton_swa.GPU_BLOCKS; the first is the
 def _tune_rla(qr, kr, v, window: int, do: torch.Tensor, log: dict) -> None:
     """Time the RLA axes (fwd+bwd through the op), each variant checked first against the fp32 torch
     path; leave triton_rla.GPU_CFG at the fastest passing combination."""
-    from kernels import triton_rla
+    from kernels.rla import triton as triton_rla
 
     ref_in = [z.detach().float().requires_grad_() for z in (qr, kr, v)]
     ref = rla_chunked(*ref_in, window, "sm2", RLA_CHUNK)
@@ -480,7 +481,7 @@ def _tune_rla(qr, kr, v, window: int, do: torch.Tensor, log: dict) -> None:
 def tune(t: int = 8192, window: int = 512) -> dict:
     """Time RLA and SWA tile variants (fwd+bwd through the ops) at one length, each RLA variant checked
     against the fp32 torch path first; apply the fastest passing variant of each and return the log."""
-    from kernels import triton_swa
+    from kernels.swa import triton as triton_swa
 
     x = make_inputs(TOKENS // t, t)
     q, k, v, qr, kr = (x[n] for n in ("q", "k", "v", "q_raw", "k_raw"))
@@ -558,7 +559,7 @@ def ptxas_report(variants: list[tuple[str, dict]] | None = None, t: int = 8192, 
     """ptxas resources of every RLA kernel launch of one forward+backward at the bench shapes (bf16, B*T =
     65536) for the GPU defaults under each state pass, and each tuning alternative under the default pass:
     the launchers run on meta tensors and a recorder stands in for each kernel."""
-    from kernels import triton_rla as R
+    from kernels.rla import triton as R
 
     if variants is None:
         variants = [(sp, {}) for sp in R.STATE_PASSES]

@@ -1,7 +1,8 @@
 """One entry point per op, used by ``rattention``'s attention module and by decoding.
 
-On CUDA with Triton these dispatch to the Triton kernels; elsewhere they run the torch paths in
-``kernels.torch_ops``, with the same signature and semantics (``kernels.reference``).
+On CUDA with Triton these dispatch to the Triton kernels (``kernels/<op>/triton.py``); elsewhere they
+run the torch paths (``kernels.swa.blockwise``, ``kernels.rla.chunked``), with the same signature and
+semantics (``kernels/<op>/naive.py``).
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import os
 
 import torch
 
-from kernels.reference import feature_map, merge_naive
-from kernels.torch_ops import rla_chunked, swa_blockwise
+from kernels.common import feature_map
+from kernels.merge.naive import merge_naive
+from kernels.rla.chunked import rla_chunked
+from kernels.swa.blockwise import swa_blockwise
 
 
 def use_triton(x: torch.Tensor) -> bool:
@@ -42,7 +45,7 @@ _NO_WINDOW = -1  # custom ops take ints: -1 stands for window=None (full causal)
 @torch.library.custom_op("rattention::swa_fwd", mutates_args=())
 def _swa_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, scale: float
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    from kernels.triton_swa import swa_fwd
+    from kernels.swa.triton import swa_fwd
 
     return swa_fwd(q, k, v, None if window == _NO_WINDOW else window, scale)
 
@@ -56,7 +59,7 @@ def _(q, k, v, window, scale):
 @torch.library.custom_op("rattention::swa_bwd", mutates_args=())
 def _swa_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                 lse: torch.Tensor, window: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from kernels.triton_swa import swa_bwd
+    from kernels.swa.triton import swa_bwd
 
     return swa_bwd(do, q, k, v, o, lse, None if window == _NO_WINDOW else window, scale)
 
@@ -83,7 +86,7 @@ _swa_fwd_op.register_autograd(_swa_backward, setup_context=_swa_setup)
 
 
 def _rla_sizes(d: int, chunk: int, seg_chunks: int) -> tuple[int, int]:
-    from kernels.triton_rla import _sizes
+    from kernels.rla.triton import _sizes
 
     c, m, _, _ = _sizes(d, chunk or None, seg_chunks or None, None)
     return c, m
@@ -92,7 +95,7 @@ def _rla_sizes(d: int, chunk: int, seg_chunks: int) -> tuple[int, int]:
 @torch.library.custom_op("rattention::rla_fwd", mutates_args=())
 def _rla_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, phi: str, chunk: int,
                 seg_chunks: int, state_pass: str) -> tuple[torch.Tensor, torch.Tensor]:
-    from kernels.triton_rla import rla_fwd
+    from kernels.rla.triton import rla_fwd
 
     return rla_fwd(q, k, v, window, phi, chunk or None, seg_chunks or None, state_pass=state_pass or None)
 
@@ -111,7 +114,7 @@ def _(q, k, v, window, phi, chunk, seg_chunks, state_pass):
 def _rla_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, states: torch.Tensor,
                 window: int, phi: str, chunk: int, seg_chunks: int, state_pass: str
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from kernels.triton_rla import rla_bwd
+    from kernels.rla.triton import rla_bwd
 
     return rla_bwd(do, q, k, v, states, window, phi, chunk or None, seg_chunks or None,
                    state_pass=state_pass or None)
@@ -140,7 +143,7 @@ _rla_fwd_op.register_autograd(_rla_backward, setup_context=_rla_setup)
 @torch.library.custom_op("rattention::merge_fwd", mutates_args=())
 def _merge_fwd_op(a: torch.Tensor, b: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor, eps: float
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from kernels.triton_merge import merge_fwd
+    from kernels.merge.triton import merge_fwd
 
     return merge_fwd(a, b, w_a, w_b, eps)
 
@@ -153,7 +156,7 @@ def _(a, b, w_a, w_b, eps):
 
 @torch.library.custom_op("rattention::norm_fwd", mutates_args=())
 def _norm_fwd_op(a: torch.Tensor, w_a: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    from kernels.triton_merge import merge_fwd
+    from kernels.merge.triton import merge_fwd
 
     out, ra, _ = merge_fwd(a, None, w_a, None, eps)
     return out, ra
@@ -167,7 +170,7 @@ def _(a, w_a, eps):
 @torch.library.custom_op("rattention::norm_bwd", mutates_args=())
 def _norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rstd: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    from kernels.triton_merge import norm_bwd
+    from kernels.merge.triton import norm_bwd
 
     return norm_bwd(dy, x, w, rstd)
 
@@ -214,7 +217,7 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
 def rla_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, phi: str = "sm2",
                chunk: int = 0, seg_chunks: int = 0, state_pass: str = "") -> torch.Tensor:
     """Residual linear attention through the Triton op, fp32 output; 0 picks the default chunk/segment,
-    "" the default state pass (kernels.triton_rla.STATE_PASS)."""
+    "" the default state pass (kernels.rla.triton.STATE_PASS)."""
     return torch.ops.rattention.rla_fwd(q, k, v, window, phi, chunk, seg_chunks, state_pass)[0]
 
 
@@ -268,7 +271,7 @@ def rattention(
     """The RAttention local layer: RMSNorm_swa(SWA(q_rope, k_rope, v)) + RMSNorm_rla(RLA(q_raw, k_raw, v)).
 
     Output (B, Hq, T, D) in the dtype of q, before the output projection. ``chunk`` is the torch
-    path's RLA chunk length; the Triton path uses its tuned one (kernels.triton_rla).
+    path's RLA chunk length; the Triton path uses its tuned one (kernels.rla.triton).
     """
     if use_triton(q_rope):  # the kernels use their own tuned chunk: the function is the same
         return rattention_triton(q_rope, k_rope, q_raw, k_raw, v, window, w_swa, w_rla, phi, eps, scale)

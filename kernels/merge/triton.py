@@ -1,4 +1,4 @@
-"""The RAttention merge in Triton: RMSNorm_a(a) + RMSNorm_b(b) per head over D, fp32 math (reference.py).
+"""The RAttention merge in Triton: RMSNorm_a(a) + RMSNorm_b(b) per head over D, fp32 math (naive.py).
 
 With r = rsqrt(mean(x^2) + eps) and y = x r w, the backward is
 dx = r (w dy) - x r^3 mean(x w dy) and dw = sum over rows of dy x r. Each program handles BT rows of

@@ -1,48 +1,16 @@
-"""Torch fast paths for machines without a GPU: blockwise sliding-window attention and chunked RLA.
+"""Torch fast path of residual linear attention for machines without a GPU: chunked RLA, and the state S.
 
-Both compute exactly the functions in ``kernels.reference`` (see its docstring for the math), with
-memory linear in T: SWA touches only the w+1 keys each query block can see, and RLA carries an fp32
-state between chunks of C queries. Gradients come from autograd.
+``rla_chunked`` computes exactly ``kernels.rla.naive.rla_naive`` (the math is there), with memory
+linear in T: it carries an fp32 state between chunks of C queries. Gradients come from autograd.
+``rla_state`` is S over a prefix of keys, where decoding continues after a prefill.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import _check_qkv, feature_map, window_mask
-
-
-def swa_blockwise(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    window: int | None,
-    scale: float | None = None,
-    block: int = 128,
-) -> torch.Tensor:
-    """Sliding-window (or, with ``window=None``, full) causal attention, O(T * (block + w)) memory."""
-    _check_qkv(q, k, v)
-    t = q.shape[2]
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    gqa = q.shape[1] != k.shape[1]
-    if window is None or window >= t - 1:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    if window < 0:
-        raise ValueError(f"window: must be >= 0 or None, got {window}")
-    outs = []
-    for q0 in range(0, t, block):
-        q1 = min(q0 + block, t)
-        k0 = max(0, q0 - window)
-        mask = window_mask(q1 - q0, q1 - k0, window, q.device, q_offset=q0 - k0)
-        outs.append(
-            F.scaled_dot_product_attention(
-                q[:, :, q0:q1], k[:, :, k0:q1], v[:, :, k0:q1], attn_mask=mask, scale=scale, enable_gqa=gqa
-            )
-        )
-    return torch.cat(outs, dim=2)
+from kernels.common import _check_qkv, feature_map
 
 
 def rla_chunked(

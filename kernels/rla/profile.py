@@ -1,15 +1,15 @@
 """One forward+backward of our RLA per state pass at the bench shapes, for Nsight Compute: where the time goes.
 
 The shapes are those of ``kernels.bench`` (bf16, Hq=16, Hkv=4, D=128, B*T=65536, w=512, model-layout
-views), at T=8192 by default. Each pass (kernels.triton_rla.STATE_PASSES) runs once, inside an NVTX range
+views), at T=8192 by default. Each pass (kernels.rla.triton.STATE_PASSES) runs once, inside an NVTX range
 named after it and after a one-program marker kernel whose grid size is the pass's number (1, 2, ...),
 so that a kernel list can be cut into passes. Only that region is between cudaProfilerStart and Stop.
 There is no warm-up: Triton compiles on the host, and ncu times every kernel on its own anyway. On an
 H200 (ncu installed), from the repository root:
 
     ncu --profile-from-start off --clock-control none --print-units base --metrics gpu__time_duration.sum \
-        --csv python kernels/profile_rla.py > ncu-rla.csv
-    python kernels/profile_rla.py --summarize ncu-rla.csv
+        --csv python kernels/rla/profile.py > ncu-rla.csv
+    python kernels/rla/profile.py --summarize ncu-rla.csv
 
 About 40 kernels are profiled (one pass each for this metric), well under a minute once the Triton
 cache is warm (a kernels.bench run before fills it). ``--clock-control none`` keeps boost clocks, as in
@@ -27,15 +27,15 @@ import io
 import sys
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: the repository root, not kernels/, on the path
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+if __package__ in (None, ""):  # run as a script: the repository root, not kernels/rla/, on the path (its
+    sys.path[0] = str(Path(__file__).resolve().parents[2])  # triton.py and profile.py would shadow triton, profile)
 
 import torch
 import triton
 
 from kernels.bench import HKV, HQ, TOKENS, D
 from kernels.ops import rla_triton
-from kernels.triton_rla import STATE_PASSES
+from kernels.rla.triton import STATE_PASSES
 
 MARKER = "_state_pass_marker"
 

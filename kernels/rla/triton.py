@@ -1,4 +1,4 @@
-"""Residual linear attention in Triton, chunk-parallel, forward and backward (the math: reference.py).
+"""Residual linear attention in Triton, chunk-parallel, forward and backward (the math: naive.py).
 
 With shift s = w + 1, query chunk c = [cC, cC + C) reads the state S_c of keys < cC - s and, inside the
 chunk, key chunk c = [cC - s, cC - s + C) under the mask "key row <= query row": the window shift is

@@ -1,4 +1,4 @@
-"""Sliding-window causal softmax attention in Triton: tiled forward and backward (the math: reference.py).
+"""Sliding-window causal softmax attention in Triton: tiled forward and backward (the math: naive.py).
 
 Query t sees keys j with ``0 <= t - j <= w``; ``window=None`` is full causal. Each query block only
 visits the key blocks that intersect its window (and each key block only the query blocks that can

@@ -6,7 +6,7 @@ import pytest
 import torch
 from triton_harness import DEVICE, TOL, compare, needs_triton, poison_outputs, qkv  # noqa: F401
 
-from kernels.reference import merge_naive
+from kernels.merge.naive import merge_naive
 
 pytestmark = needs_triton
 
@@ -14,7 +14,7 @@ pytestmark = needs_triton
 @pytest.mark.parametrize("two_branches", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merge_matches_reference(two_branches, dtype):
-    from kernels.triton_merge import merge
+    from kernels.merge.triton import merge
 
     a, b = qkv(2, 45, 4, 4, 64, dtype, n_q=2, n_k=0)
     g = torch.Generator().manual_seed(3)

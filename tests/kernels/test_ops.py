@@ -8,8 +8,11 @@ from triton_harness import DEVICE, TOL, compare, needs_triton, poison_outputs, q
 
 import kernels
 from kernels import ops
-from kernels.reference import feature_map, merge_naive, rattention_naive, rla_naive, swa_naive
-from kernels.torch_ops import rla_state
+from kernels.common import feature_map
+from kernels.merge.naive import merge_naive, rattention_naive
+from kernels.rla.chunked import rla_state
+from kernels.rla.naive import rla_naive
+from kernels.swa.naive import swa_naive
 
 
 def _weights(hq, d, seed=0):
@@ -18,7 +21,7 @@ def _weights(hq, d, seed=0):
 
 
 @needs_triton
-@pytest.mark.parametrize("state_pass", ["cumsum", "scan", "segscan"])  # kernels.triton_rla.STATE_PASSES
+@pytest.mark.parametrize("state_pass", ["cumsum", "scan", "segscan"])  # kernels.rla.triton.STATE_PASSES
 @pytest.mark.parametrize("window", [0, 9, 40])
 def test_rattention_triton_op_matches_reference(window, state_pass):
     q, qr, k, kr, v = qkv(2, 40, 4, 1, 32, torch.float32, n_q=2, n_k=3)
@@ -55,7 +58,8 @@ def test_ops_trace_under_torch_compile():
 
 
 def test_cpu_entry_points_use_the_torch_path_and_match_reference():
-    """On CPU the public ops run kernels.torch_ops; same semantics as the reference (fp64 inputs)."""
+    """On CPU the public ops run the torch paths (swa.blockwise, rla.chunked); same semantics as the reference
+    (fp64 inputs)."""
     g = torch.Generator().manual_seed(0)
     q, qr = (torch.randn(2, 4, 33, 16, generator=g, dtype=torch.float64) for _ in range(2))
     k, kr, v = (torch.randn(2, 2, 33, 16, generator=g, dtype=torch.float64) for _ in range(3))

@@ -1,31 +1,15 @@
-"""The torch CPU paths (blockwise SWA, chunked RLA) against the O(T^2) reference, in fp64."""
+"""The torch chunked RLA and the state S against the O(T^2) reference, in fp64; the feature maps."""
 
 import pytest
 import torch
-import torch.nn.functional as F
+from fp64 import qkv, rand, rel
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.reference import feature_map, merge_naive, rla_naive, swa_naive
-from kernels.torch_ops import rla_chunked, rla_state, swa_blockwise
-
-
-def rand(*shape, seed=0, grad=False):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(grad)
-
-
-def qkv(b, hq, hkv, t, d, seed=0):
-    return rand(b, hq, t, d, seed=seed, grad=True), rand(b, hkv, t, d, seed=seed + 1, grad=True), rand(
-        b, hkv, t, d, seed=seed + 2, grad=True)
-
-
-def rel(a, b):
-    """Relative error; 0 when both are exactly zero (e.g. q/k gradients at window 0)."""
-    if b.norm() == 0:
-        return a.norm().item()
-    return ((a - b).norm() / b.norm()).item()
-
+from kernels.common import feature_map
+from kernels.rla.chunked import rla_chunked, rla_state
+from kernels.rla.naive import rla_naive
+from kernels.swa.blockwise import swa_blockwise
 
 C = 8
 
@@ -81,33 +65,6 @@ def test_rla_reads_exactly_the_keys_outside_the_window():
         assert seen == list(range(0, max(0, ti - w)))
 
 
-@pytest.mark.parametrize("window", [0, 1, 5, 8, 30, None])
-@pytest.mark.parametrize("hq,hkv", [(4, 1), (2, 2)])
-def test_blockwise_swa_matches_naive(window, hq, hkv):
-    q, k, v = qkv(2, hq, hkv, 23, 16)
-    ref = swa_naive(q, k, v, window)
-    out = swa_blockwise(q, k, v, window, block=8)
-    assert rel(out, ref) < 1e-12
-    dout = rand(*ref.shape, seed=3)
-    for a, b in zip(torch.autograd.grad(out, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout),
-                    strict=True):
-        assert rel(a, b) < 1e-12
-
-
-def test_window_zero_attends_only_to_itself():
-    q, k, _ = qkv(1, 2, 2, 9, 8)
-    v = rand(1, 2, 9, 8, seed=5)
-    assert torch.allclose(swa_blockwise(q, k, v, 0, block=4), v, atol=1e-14)
-    assert torch.allclose(swa_naive(q, k, v, 0), v, atol=1e-14)
-
-
-def test_full_equals_sdpa_causal():
-    q, k, v = qkv(2, 4, 2, 17, 8)
-    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
-    assert rel(swa_naive(q, k, v, None), ref) < 1e-12
-    assert rel(swa_blockwise(q, k, v, None), ref) < 1e-12
-
-
 def test_feature_maps():
     x = rand(3, 5)
     sm = feature_map(x, "sm2")
@@ -118,11 +75,3 @@ def test_feature_maps():
     assert torch.equal(r[:, :5] - r[:, 5:], x) and (r >= 0).all()
     with pytest.raises(ValueError, match="allowed: sm2, relu2"):
         feature_map(x, "elu")
-
-
-def test_merge_is_per_head_rmsnorm():
-    o1, o2 = rand(1, 2, 5, 4), rand(1, 2, 5, 4, seed=1)
-    w1, w2 = rand(2, 4, seed=2), rand(2, 4, seed=3)
-    out = merge_naive(o1, o2, w1, w2, eps=0.0)
-    expect = sum(o / o.pow(2).mean(-1, keepdim=True).sqrt() * w[None, :, None, :] for o, w in ((o1, w1), (o2, w2)))
-    assert rel(out, expect) < 1e-14

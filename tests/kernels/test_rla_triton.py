@@ -8,12 +8,12 @@ import triton
 import triton.language as tl
 from triton_harness import DEVICE, TOL, compare, needs_triton, poison_outputs, qkv  # noqa: F401
 
-from kernels.reference import rla_naive
-from kernels.triton_rla import STATE_PASSES, _round_bf16
+from kernels.rla.naive import rla_naive
+from kernels.rla.triton import STATE_PASSES, _round_bf16
 
 pytestmark = needs_triton
 T = 45  # not a multiple of the 16-query interpreter chunk
-# every test runs under each way of making the chunk states (kernels.triton_rla.STATE_PASSES)
+# every test runs under each way of making the chunk states (kernels.rla.triton.STATE_PASSES)
 by_state_pass = pytest.mark.parametrize("state_pass", STATE_PASSES)
 
 
@@ -22,7 +22,7 @@ by_state_pass = pytest.mark.parametrize("state_pass", STATE_PASSES)
 @pytest.mark.parametrize("hq,hkv", [(4, 1), (2, 2)])
 @pytest.mark.parametrize("window", [0, 1, 7, 16, 23, 44])  # 0, 1, <, =, > chunk, >= T - 1 (sees nothing)
 def test_rla_matches_reference(window, hq, hkv, phi, state_pass):
-    from kernels.triton_rla import rla
+    from kernels.rla.triton import rla
 
     inputs = qkv(2, T, hq, hkv, 32, torch.float32, seed=window)
     ref = lambda q, k, v: rla_naive(q, k, v, window, phi)
@@ -38,7 +38,7 @@ def test_rla_matches_reference(window, hq, hkv, phi, state_pass):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("phi", ["sm2", "relu2"])
 def test_rla_head_dims(d, phi, state_pass):
-    from kernels.triton_rla import rla
+    from kernels.rla.triton import rla
 
     inputs = qkv(1, T, 4, 1, d, torch.float32, seed=d)
     compare(lambda q, k, v: rla(q, k, v, 5, phi, state_pass=state_pass), lambda q, k, v: rla_naive(q, k, v, 5, phi),
@@ -49,7 +49,7 @@ def test_rla_head_dims(d, phi, state_pass):
 @pytest.mark.parametrize("chunk,seg_chunks", [(16, 1), (16, 3), (32, 1)])
 def test_rla_chunk_and_segment_sizes(chunk, seg_chunks, state_pass):
     """The segment length m (states stored every m chunks, recomputed inside) never changes the result."""
-    from kernels.triton_rla import rla
+    from kernels.rla.triton import rla
 
     inputs = qkv(1, 70, 2, 1, 32, torch.float32, seed=7)
     compare(lambda q, k, v: rla(q, k, v, 9, "sm2", chunk, seg_chunks, state_pass),
@@ -59,7 +59,7 @@ def test_rla_chunk_and_segment_sizes(chunk, seg_chunks, state_pass):
 @by_state_pass
 @pytest.mark.parametrize("phi", ["sm2", "relu2"])
 def test_rla_bf16(phi, state_pass):
-    from kernels.triton_rla import rla
+    from kernels.rla.triton import rla
 
     inputs = qkv(2, T, 4, 1, 64, torch.bfloat16, seed=11)
     compare(lambda q, k, v: rla(q, k, v, 7, phi, state_pass=state_pass), lambda q, k, v: rla_naive(q, k, v, 7, phi),
@@ -69,8 +69,8 @@ def test_rla_bf16(phi, state_pass):
 @by_state_pass
 def test_rla_stores_states_only_at_segment_starts(state_pass):
     """The saved states are (B, Hkv, ceil(ceil(T/C)/m), 2D, D) fp32, and each is S over the keys before it."""
-    from kernels.torch_ops import rla_state
-    from kernels.triton_rla import rla_fwd
+    from kernels.rla.chunked import rla_state
+    from kernels.rla.triton import rla_fwd
 
     q, k, v = qkv(1, 70, 2, 1, 32, torch.float32, seed=2)
     _, states = rla_fwd(q, k, v, 9, "sm2", chunk=16, seg_chunks=2, state_pass=state_pass)
@@ -88,7 +88,7 @@ def test_rla_bf16_operands_one_value_block(phi, state_pass, monkeypatch):
     phi and scores once per row block) stay within the bf16 tolerance (measured at T=512, D=128: 5e-4 on
     o, 3.3e-3 on dv, as without them). The scans' state tiles here are smaller than a row (8 per head,
     softmax statistics read in blocks)."""
-    from kernels import triton_rla
+    from kernels.rla import triton as triton_rla
 
     monkeypatch.setitem(triton_rla.INTERP_CFG, "out_lowp", True)
     monkeypatch.setitem(triton_rla.INTERP_CFG, "scan_bk", 16)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from triton_harness import TOL, compare, needs_triton, poison_outputs, qkv, rel_err  # noqa: F401
 
-from kernels.reference import swa_naive
+from kernels.swa.naive import swa_naive
 
 pytestmark = needs_triton
 T = 45  # not a multiple of the 16-row interpreter block (GPU blocks: 64/128)
@@ -15,7 +15,7 @@ T = 45  # not a multiple of the 16-row interpreter block (GPU blocks: 64/128)
 @pytest.mark.parametrize("hq,hkv", [(4, 1), (2, 2)])
 @pytest.mark.parametrize("window", [0, 1, 7, 16, 23, 44, 100, None])  # 0, 1, <, =, > block, >= T, full
 def test_swa_matches_reference(window, hq, hkv):
-    from kernels.triton_swa import swa
+    from kernels.swa.triton import swa
 
     inputs = qkv(2, T, hq, hkv, 32, torch.float32, n_q=1, n_k=2)
     compare(lambda q, k, v: swa(q, k, v, window), lambda q, k, v: swa_naive(q, k, v, window), inputs,
@@ -24,7 +24,7 @@ def test_swa_matches_reference(window, hq, hkv):
 
 @pytest.mark.parametrize("d", [64, 128])
 def test_swa_head_dims(d):
-    from kernels.triton_swa import swa
+    from kernels.swa.triton import swa
 
     inputs = qkv(1, T, 4, 1, d, torch.float32, seed=d)
     compare(lambda q, k, v: swa(q, k, v, 16), lambda q, k, v: swa_naive(q, k, v, 16), inputs, TOL[torch.float32])
@@ -32,7 +32,7 @@ def test_swa_head_dims(d):
 
 @pytest.mark.parametrize("window", [7, None])
 def test_swa_bf16(window):
-    from kernels.triton_swa import swa
+    from kernels.swa.triton import swa
 
     inputs = qkv(2, T, 4, 1, 64, torch.bfloat16, seed=3)
     compare(lambda q, k, v: swa(q, k, v, window), lambda q, k, v: swa_naive(q, k, v, window), inputs,
@@ -43,8 +43,8 @@ def test_swa_saves_log_sum_exp():
     """The forward's LSE (base 2) is log2 sum_j exp(scale q.k_j) over the window: what the backward reuses."""
     import math
 
-    from kernels.reference import window_mask
-    from kernels.triton_swa import swa_fwd
+    from kernels.common import window_mask
+    from kernels.swa.triton import swa_fwd
 
     q, k, v = qkv(1, T, 2, 1, 32, torch.float32, seed=5)
     o, lse = swa_fwd(q, k, v, 7)

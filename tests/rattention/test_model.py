@@ -1,16 +1,18 @@
 """The model library: configs, layers, decoding cache and parameter accounting (CPU, fp64)."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels.torch_ops import rla_state
+from kernels import rla_state
 from rattention.cache import BLOCK, LocalCache, cache_bytes
 from rattention.config import ModelConfig
 from rattention.errors import ConfigError
 from rattention.generate import EagerStep, generate, stepwise_logits
-from rattention.model import LM, apply_rope, count_params
+from rattention.model import LM, Attention, apply_rope, count_params
 
 TINY = dict(vocab_size=61, d_model=32, n_layers=4, n_heads=4, n_kv_heads=1, head_dim=8, rla_chunk=8,
             dtype="float64")
@@ -296,3 +298,30 @@ def test_split_decode_attention_equals_the_kernels_one(s):
     valid = torch.arange(s) <= s - 3
     ref = kernels.attention_decode(q, k, v, valid=valid)
     assert (attend(q, k, v, valid) - ref).abs().max() < 1e-12
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="needs TRITON_INTERPRET=1 on CPU")
+@pytest.mark.parametrize("kind,qk_norm,phi,n_kv", [("rattention", False, "sm2", 2), ("rattention", True, "relu2", 1),
+                                                   ("swa", True, "sm2", 2)])
+def test_fused_local_decode_equals_parallel_forward(kind, qk_norm, phi, n_kv, monkeypatch):
+    """The fused local-layer step (kernels.decode.local_decode, forced on under the interpreter) through the
+    model: past the window (folds, un-rotated or raw leaving keys) it equals the parallel forward, and the
+    torch step."""
+    pytest.importorskip("triton")
+    m = model(kind=kind, window=6, qk_norm=qk_norm, feature_map=phi, n_kv_heads=n_kv, head_dim=16, d_model=64,
+              n_layers=2, layout="LG", dtype="float32", swa_output_norm=kind == "swa")
+    tokens = torch.randint(0, 61, (2, 17), generator=torch.Generator().manual_seed(4))
+    ref = m(tokens)
+    monkeypatch.setattr(Attention, "fused_decode", False)
+    torch_path = stepwise_logits(m, tokens, prefill=3, static=True)
+    monkeypatch.setattr(Attention, "fused_decode", True)
+    fused = stepwise_logits(m, tokens, prefill=3, static=True)
+    assert (fused - ref).abs().max() < 1e-5
+    assert (fused - torch_path).abs().max() < 1e-5
+
+
+def test_cpu_decode_keeps_the_torch_path():
+    """On CPU the fused step is off by default (it needs CUDA): the model tests above hold the torch path."""
+    from kernels.decode import fused_serves
+
+    assert Attention.fused_decode is None and not fused_serves(torch.zeros(1), 16)

@@ -1,0 +1,1 @@
+"""Sliding-window attention: reference (naive.py), torch blockwise path (blockwise.py), Triton kernels (triton.py)."""
