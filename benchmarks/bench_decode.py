@@ -4,6 +4,7 @@ side by side in the same run, with the real cache's bytes beside ``cache_bytes()
 
     python benchmarks/bench_decode.py                  # on a GPU: benchmarks/results/decode-<device>.json
     python benchmarks/bench_decode.py --quick          # tiny model, CPU is fine: proves the script end to end
+    python benchmarks/bench_decode.py --count-ops      # CPU: ops one decode step dispatches, torch vs fused path
 
 A 4K prompt is prefilled for real (one parallel pass, last-position logits). For longer contexts the cache
 is filled with random values of the right shapes instead: a decode step's time depends only on the cache's
@@ -13,10 +14,13 @@ shapes. Prints a table last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
+import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -27,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from rattention.cache import BLOCK, ModelCache, cache_bytes  # noqa: E402
 from rattention.config import ModelConfig  # noqa: E402
 from rattention.generate import EagerStep, GraphStep, stepwise_logits  # noqa: E402
-from rattention.model import LM  # noqa: E402
+from rattention.model import LM, Attention  # noqa: E402
 from rattention.provenance import provenance  # noqa: E402
 
 MODEL_125M = dict(vocab_size=32768, d_model=768, n_layers=12, n_heads=6, n_kv_heads=2, head_dim=128,
@@ -148,6 +152,143 @@ def fmt_bytes(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB" if n < GiB else f"{n / GiB:,.2f} GiB"
 
 
+# --count-ops: the bench's model scaled down (same layers, layout, GQA 6:2, windows, dtype and contexts, so the
+# same code paths and key-block splits) and the H200 measurement the per-op cost comes from.
+MODEL_COUNT = dict(MODEL_125M, vocab_size=256, d_model=96, head_dim=16, mlp_hidden=128)
+H200_GRAPH_MS = {  # benchmarks/results/decode-h200.json (commit 65e64e5), CUDA-graph replay, batch 1
+    ("full", 4096): 1.599, ("full", 32768): 1.839, ("swa", 4096): 1.664, ("swa", 32768): 1.725,
+    ("rattention", 4096): 2.323, ("rattention", 32768): 2.379}
+NO_KERNEL_OPS = {"aten::empty", "aten::empty_strided", "aten::_unsafe_view", "aten::detach", "aten::lift_fresh"}
+
+
+class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops dispatched under it, per label (the layer kind being stepped, else "other"), split
+    into kernel ops and ops that launch no kernel (views, allocations). A Triton launch counts as one kernel
+    op (``triton_launches`` patches the launchers); the aten ops the launcher or the interpreter run inside
+    it are not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernels: Counter = Counter()
+        self.free: Counter = Counter()
+        self.names: dict[str, Counter] = {}
+        self.label, self.paused = "other", False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.paused:
+            name = func._schema.name
+            if func.is_view or name in NO_KERNEL_OPS:
+                self.free[self.label] += 1
+            else:
+                self.kernels[self.label] += 1
+                self.names.setdefault(self.label, Counter())[name] += 1
+        return out
+
+    def launch(self) -> None:
+        self.kernels[self.label] += 1
+        self.names.setdefault(self.label, Counter())["triton launch"] += 1
+
+
+@contextlib.contextmanager
+def triton_launches(counter: OpCounter):
+    """Every Triton kernel launch (compiled or interpreted) counts one op in ``counter``."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    originals = {cls: cls.run for cls in (JITFunction, InterpretedFunction)}
+
+    def counted(run):
+        def wrapped(self, *args, **kwargs):
+            counter.launch()
+            counter.paused, was = True, counter.paused
+            try:
+                return run(self, *args, **kwargs)
+            finally:
+                counter.paused = was
+        return wrapped
+
+    for cls, run in originals.items():
+        cls.run = counted(run)
+    try:
+        yield
+    finally:
+        for cls, run in originals.items():
+            cls.run = run
+
+
+def count_step(model: LM, context: int, fused: bool) -> tuple[OpCounter, Counter]:
+    """The ops of one static decode step (batch 1) at ``context`` (random-filled cache), torch path or fused;
+    also the number of layers of each kind."""
+    capacity = context + 2 * (3 + 20) + 1  # as one_cell's reserved cache
+    cache = model.new_cache(1, capacity=capacity)
+    fill_random(cache, context)
+    for layer in cache.layers:  # a filled ring: valid S, keys of a normal scale
+        if getattr(layer, "state", None) is not None:
+            layer.state.mul_(0.1)
+    token = torch.zeros(1, 1, dtype=torch.long)
+    counter = OpCounter()
+    kinds = Counter(block.attn.kind for block in model.blocks)
+    for block in model.blocks:
+        def labelled(x, layer, at, _block=block, _step=block.decode_step):
+            counter.label = _block.attn.kind
+            try:
+                return _step(x, layer, at)
+            finally:
+                counter.label = "other"
+        block.decode_step = labelled
+    Attention.fused_decode = fused
+    try:
+        with torch.no_grad():
+            model.decode_step(token, cache)  # one step untimed, uncounted: lazy set-up (Triton compile)
+            with triton_launches(counter), counter:
+                model.decode_step(token, cache)
+    finally:
+        Attention.fused_decode = None
+        for block in model.blocks:
+            del block.decode_step
+    return counter, kinds
+
+
+def count_ops(contexts: list[int]) -> dict:
+    """--count-ops: kernel ops per decode step and per layer kind, torch path (before) against the fused
+    local-layer step (after), and the batch-1 H200 ms/step they predict."""
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the fused step runs on CPU tensors in the interpreter
+    torch.set_num_threads(1)
+    rows = []
+    for kind, window in WINDOWS_125M.items():
+        model = build(kind, window, MODEL_COUNT, torch.device("cpu"))
+        for context in contexts:
+            for path, fused in (("torch", False), ("fused", True)):
+                counter, kinds = count_step(model, context, fused)
+                per_layer = {k: counter.kernels[k] // n for k, n in kinds.items()}
+                rows.append({"kind": kind, "window": window, "context": context, "path": path,
+                             "ops_per_step": sum(counter.kernels.values()), "ops_per_layer": per_layer,
+                             "layers": dict(kinds), "ops_other": counter.kernels["other"],
+                             "no_kernel_ops": sum(counter.free.values()),
+                             "op_names": {k: dict(v) for k, v in counter.names.items()}})
+    full_4k = next(r for r in rows if r["kind"] == "full" and r["context"] == 4096 and r["path"] == "torch")
+    per_op_ms = H200_GRAPH_MS[("full", 4096)] / full_4k["ops_per_step"]
+    for r in rows:
+        r["predicted_h200_b1_ms"] = r["ops_per_step"] * per_op_ms
+        r["measured_h200_b1_ms"] = H200_GRAPH_MS.get((r["kind"], r["context"])) if r["path"] == "torch" else None
+    return {"per_op_ms": per_op_ms, "rows": rows, "model": MODEL_COUNT}
+
+
+def count_table(result: dict) -> str:
+    """Markdown: ops per step and per layer kind, before (torch) and after (fused), with the prediction."""
+    cols = ["kind", "w", "context", "path", "ops/step", "ops per layer (kind: ops x layers)", "ops outside layers",
+            "predicted H200 b1 ms/step", "measured (torch path)"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in result["rows"]:
+        layers = ", ".join(f"{k}: {v} x {r['layers'][k]}" for k, v in r["ops_per_layer"].items())
+        measured = f"{r['measured_h200_b1_ms']:.2f}" if r["measured_h200_b1_ms"] else "-"
+        lines.append(f"| {r['kind']} | {'-' if r['kind'] == 'full' else r['window']} | {r['context']:,} | "
+                     f"{r['path']} | {r['ops_per_step']} | {layers} | {r['ops_other']} | "
+                     f"{r['predicted_h200_b1_ms']:.2f} | {measured} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict], kinds: dict[str, int]) -> str:
     """Markdown table, one row per cell; "vs full" is tokens/s over full's in the same cell."""
     full = {(r["context"], r["batch"]): r for r in rows if r["kind"] == "full" and "skipped" not in r}
@@ -184,7 +325,34 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (CPU runs only)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--count-ops", action="store_true",
+                    help="count the ops of one decode step per layer kind (CPU, scaled-down model), torch path "
+                         "against the fused local step, and predict H200 batch-1 ms/step from the counts")
     args = ap.parse_args()
+    if args.count_ops:
+        contexts = [int(c) for c in (args.contexts or "4096,32768").split(",")]
+        t0 = time.time()
+        result = count_ops(contexts)
+        notes = [
+            f"model: the bench's ~125M shape scaled down {MODEL_COUNT}; windows {WINDOWS_125M}; batch 1; "
+            "one static decode step (eager) on CPU, the fused step under TRITON_INTERPRET=1",
+            "ops: aten ops dispatched (TorchDispatchMode), views and allocations left out (they launch no "
+            "kernel); a Triton launch counts as one",
+            f"PREDICTION FROM COUNTS, not a measurement: H200 ms/step = ops x {1e3 * result['per_op_ms']:.2f} us, "
+            "the per-op cost of full at 4K (1.599 ms graph replay / its op count); it ignores bytes (right at "
+            "batch 1, where the step is bound by kernel count) and prices the fused kernel like any other op",
+            "measured: benchmarks/results/decode-h200.json (commit 65e64e5; swa then copied a tail of its ring, "
+            "since f99df46 it splits it in blocks of 241)",
+        ]
+        record = {"benchmark": "decode-count-ops", "provenance": provenance(), **result, "notes": notes,
+                  "wall_s": round(time.time() - t0, 1)}
+        out = args.out or ROOT / "benchmarks" / "results" / "decode-count-ops.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=1) + "\n")
+        print(f"wrote {out} ({record['wall_s']} s)\n")
+        print(count_table(result))
+        print("\n" + "\n".join(f"- {n}" for n in notes))
+        return
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         torch.set_num_threads(args.threads)

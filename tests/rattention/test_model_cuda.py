@@ -10,7 +10,7 @@ import torch
 
 from rattention.config import ModelConfig
 from rattention.generate import stepwise_logits
-from rattention.model import LM
+from rattention.model import LM, Attention
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (make test-gpu)")
 
@@ -49,7 +49,8 @@ def test_triton_path_equals_torch_path(kind, window, dtype, monkeypatch):
     out, grads = loss_and_grads(m, tokens)
     monkeypatch.setenv("RATTENTION_KERNELS", "torch")
     ref, ref_grads = loss_and_grads(m, tokens)
-    errs = {"logits": rel(out, ref), **{f"grad[{i}]": rel(a, b) for i, (a, b) in enumerate(zip(grads, ref_grads, strict=True))}}
+    errs = {"logits": rel(out, ref),
+            **{f"grad[{i}]": rel(a, b) for i, (a, b) in enumerate(zip(grads, ref_grads, strict=True))}}
     bad = {k: v for k, v in errs.items() if not v < TOL[dtype]}
     assert not bad, f"over {TOL[dtype]}: {bad}"
 
@@ -63,3 +64,27 @@ def test_decoding_on_cuda_equals_the_parallel_forward(kind, window):
         ref = m(tokens)
     for prefill in (0, 23):
         assert rel(stepwise_logits(m, tokens, prefill=prefill), ref) < TOL["float32"], prefill
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("kind,window,qk_norm",
+                         [("rattention", 16, False), ("rattention", 5, True), ("swa", 16, False)])
+def test_fused_local_decode_through_the_model(kind, window, qk_norm, dtype, monkeypatch):
+    """On CUDA a local layer's decode step is the fused Triton kernel (kernels.decode.local_decode): eager and
+    replayed from a CUDA graph it equals the torch step of the same weights and, in fp32, the parallel forward."""
+    from kernels.decode import fused_serves
+
+    m = small(kind, dtype, window=window, qk_norm=qk_norm).eval()
+    assert fused_serves(torch.zeros(1, device="cuda", dtype=m.cfg.torch_dtype), m.cfg.head_dim)
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 60), device="cuda",
+                           generator=torch.Generator("cuda").manual_seed(3))
+    with torch.no_grad():
+        ref = m(tokens)
+    fused = stepwise_logits(m, tokens, prefill=7, static=True)
+    graph = stepwise_logits(m, tokens, prefill=7, static=True, cuda_graph=True)
+    monkeypatch.setattr(Attention, "fused_decode", False)
+    torch_path = stepwise_logits(m, tokens, prefill=7, static=True)
+    assert rel(fused, torch_path) < TOL[dtype]
+    assert rel(graph, fused) < 1e-6
+    if dtype == "float32":
+        assert rel(fused, ref) < TOL["float32"]
