@@ -296,7 +296,8 @@ def table(rows: list[dict], kinds: dict[str, int]) -> str:
             "tok/s", "vs full", "cache (real)", "cache_bytes()"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        cells = [r["kind"], "-" if r["kind"] == "full" else str(kinds[r["kind"]]), f"{r['context']:,}",
+        label = r["kind"] + (" (fused step)" if r.get("path") == "fused" else "")
+        cells = [label, "-" if r["kind"] == "full" else str(kinds[r["kind"]]), f"{r['context']:,}",
                  str(r["batch"]), r["prefill"]]
         if "skipped" in r:
             lines.append("| " + " | ".join(cells + [f"skipped: {r['skipped']}"] + [""] * 6) + " |")
@@ -325,6 +326,9 @@ def main() -> None:
     ap.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads (CPU runs only)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--paths", default=None,
+                    help="local layers' decode step: torch, fused or both (default torch,fused on CUDA, torch on "
+                         "CPU; the fused Triton step runs on CPU only under TRITON_INTERPRET=1)")
     ap.add_argument("--count-ops", action="store_true",
                     help="count the ops of one decode step per layer kind (CPU, scaled-down model), torch path "
                          "against the fused local step, and predict H200 batch-1 ms/step from the counts")
@@ -369,23 +373,33 @@ def main() -> None:
 
     t_start = time.time()
     rows, checks = [], {}
+    paths = (args.paths or ("torch,fused" if device.type == "cuda" else "torch")).split(",")
     for kind, window in kinds.items():
         model = build(kind, window, base, device)
-        checks[kind] = check(model, device)
-        print(f"{kind}: check {checks[kind]}", flush=True)
-        for batch in batches:
-            for context in contexts:
-                t0 = time.time()
-                try:
-                    row = one_cell(model, context, batch, args, device)
-                except torch.cuda.OutOfMemoryError as err:
-                    row = {"context": context, "batch": batch, "prefill": "-",
-                           "skipped": f"out of memory ({str(err).splitlines()[0][:80]})"}
-                    gc.collect()
-                    torch.cuda.empty_cache()
-                rows.append({"kind": kind, "window": window, **row})
-                print(f"{kind} ctx {context} batch {batch}: {time.time() - t0:.1f}s "
-                      f"{ {k: v for k, v in row.items() if k.endswith(('_ms', 'skipped'))} }", flush=True)
+        for path in paths if kind != "full" else ["torch"]:  # full has no local layer
+            Attention.fused_decode = path == "fused"
+            name = kind if path == "torch" else f"{kind}+fused"
+            try:
+                checks[name] = check(model, device)
+            except Exception as err:  # noqa: BLE001 - a path that fails is reported, the others still run
+                checks[name] = {"error": " ".join(str(err).split())[:200]}
+                print(f"{name}: check failed: {checks[name]['error']}", flush=True)
+                continue
+            print(f"{name}: check {checks[name]}", flush=True)
+            for batch in batches:
+                for context in contexts:
+                    t0 = time.time()
+                    try:
+                        row = one_cell(model, context, batch, args, device)
+                    except torch.cuda.OutOfMemoryError as err:
+                        row = {"context": context, "batch": batch, "prefill": "-",
+                               "skipped": f"out of memory ({str(err).splitlines()[0][:80]})"}
+                        gc.collect()
+                        torch.cuda.empty_cache()
+                    rows.append({"kind": kind, "path": path, "window": window, **row})
+                    print(f"{name} ctx {context} batch {batch}: {time.time() - t0:.1f}s "
+                          f"{ {k: v for k, v in row.items() if k.endswith(('_ms', 'skipped'))} }", flush=True)
+        Attention.fused_decode = None
         del model
         gc.collect()
         if device.type == "cuda":
@@ -398,7 +412,9 @@ def main() -> None:
         f"{args.steps} timed steps after {args.warmup} warm-up steps per cell",
         f"prefill: contexts <= {args.real_prefill} prefilled for real (one parallel pass, last-position logits); "
         "longer ones random-filled caches of the same shapes",
-        "graph: the static step captured once in a CUDA graph and replayed; eager: the same step called directly"
+        "graph: the static step captured once in a CUDA graph and replayed; eager: the same step called directly; "
+        "(fused step): the local layers' one-launch Triton decode step (kernels.local_decode, fused=True), "
+        "otherwise the torch path"
         + (" (CPU run: no graph column)" if device.type == "cpu" else ""),
         f"cache (real) = ModelCache.nbytes() of the reserved cache (capacity = context + "
         f"{2 * (args.warmup + args.steps) + 1} steps, rounded up to whole {BLOCK}-position blocks); "

@@ -5,7 +5,7 @@ Import only torch, triton and numpy here: a GPU box without the orchestration st
 """
 
 from kernels.common import FEATURE_MAPS, feature_map, rms_norm_heads
-from kernels.ops import attention, attention_decode, normed_attention, rattention, rla_decode, rla_fold
+from kernels.ops import attention, attention_decode, local_decode, normed_attention, rattention, rla_decode, rla_fold
 from kernels.rla.chunked import rla_state
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "attention",
     "attention_decode",
     "feature_map",
+    "local_decode",
     "normed_attention",
     "rattention",
     "rla_decode",

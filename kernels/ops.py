@@ -294,21 +294,49 @@ def normed_attention(
 # Decoding: one new token against a cache.
 
 
+DECODE_KEY_BLOCK = 256  # attention_decode's key block; reserved global caches hold a multiple of it
+
+
+def key_block(s: int, most: int = DECODE_KEY_BLOCK) -> int:
+    """The key block ``attention_decode`` splits a cache of s slots into: the largest divisor of s up to
+    ``most`` (so the blocks are views: a reserved global buffer, a ring of 4097 in blocks of 241), or
+    ``most`` when s has none of at least most/8 (the tail then costs a copy); s itself below 4 blocks."""
+    if s < 4 * most:
+        return s
+    block = next(d for d in range(most, 0, -1) if s % d == 0)
+    return block if block >= most // 8 else most
+
+
 def attention_decode(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """One query step: q (B, Hq, 1, D) against cached k, v (B, Hkv, S, D); ``valid`` masks slots (S,)."""
+    """One query step: q (B, Hq, 1, D) against cached k, v (B, Hkv, S, D), the slots where ``valid`` (S,)
+    is False masked out; output (B, Hq, 1, D) in v's dtype.
+
+    The value sum is split over the key axis in blocks (``key_block``; flash-decoding's split-K, in torch),
+    so B*Hkv*S/block small matmuls run side by side instead of B*Hkv long ones (on the H200 the unsplit
+    form cost ~1.2 ms per global layer at 32K, batch 1); the partials add up in fp32 (fp64 for fp64).
+    """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    n_rep = q.shape[1] // k.shape[1]
     b, hkv, s, d = k.shape
-    qg = q.reshape(b, hkv, n_rep, d)
+    g = q.shape[1] // hkv
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scores = torch.einsum("bhgd,bhsd->bhgs", qg, k).to(acc) * scale
+    scores = torch.matmul(q.reshape(b, hkv, g, d), k.transpose(-1, -2)).to(acc) * scale
     if valid is not None:
         scores = scores.masked_fill(~valid, float("-inf"))
-    p = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.einsum("bhgs,bhsd->bhgd", p, v).reshape(b, hkv * n_rep, 1, d)
+    p = torch.softmax(scores, dim=-1).to(v.dtype)  # (B, Hkv, g, S)
+    block = key_block(s)
+    if block == s:
+        return torch.matmul(p, v).reshape(b, hkv * g, 1, d)
+    n = s // block
+    m = n * block
+    blocks = torch.matmul(p[..., :m].reshape(b, hkv, g, n, block).transpose(2, 3),
+                          v[:, :, :m].reshape(b, hkv, n, block, d))  # (B, Hkv, n, g, D)
+    o = blocks.sum(dim=2, dtype=acc)
+    if m < s:
+        o = o + torch.matmul(p[..., m:], v[:, :, m:]).to(acc)
+    return o.to(v.dtype).reshape(b, hkv * g, 1, d)
 
 
 def rla_decode(q_raw: torch.Tensor, state: torch.Tensor, phi: str = "sm2") -> torch.Tensor:
@@ -322,3 +350,36 @@ def rla_decode(q_raw: torch.Tensor, state: torch.Tensor, phi: str = "sm2") -> to
 def rla_fold(state: torch.Tensor, k_raw: torch.Tensor, v: torch.Tensor, phi: str = "sm2") -> torch.Tensor:
     """Fold keys leaving the window into the state: S + phi(k)^T v, k and v (B, Hkv, n, D)."""
     return state + torch.einsum("bhsf,bhsd->bhfd", feature_map(k_raw, phi).to(state.dtype), v.to(state.dtype))
+
+
+# The fused Triton decode step of a local layer stays opt-in until a GPU run has checked and timed it
+# (it passes the interpreter tests; `python benchmarks/bench_decode.py` times both paths side by side).
+FUSED_DECODE = False
+
+
+def fused_decode_serves(q: torch.Tensor) -> bool:
+    """Whether the fused decode step can serve a step whose query is ``q`` (B, Hq, D): the Triton path is
+    on for it (``use_triton``), it is 16- or 32-bit, and the head dim is a power of two >= 16."""
+    d = q.shape[-1]
+    return d >= 16 and d & (d - 1) == 0 and q.dtype != torch.float64 and use_triton(q)
+
+
+def local_decode(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_ring: torch.Tensor, v_ring: torch.Tensor,
+    pos: torch.Tensor, w_swa: torch.Tensor | None = None, eps: float = 1e-6, *, fused: bool | None = None,
+    **rla: object,
+) -> torch.Tensor:
+    """One local layer's decode step (fold the leaving key into S, write the new key, attend over the
+    ring, read phi(q) S, merge by the two norms): ``kernels.decode.naive.local_decode_naive``'s signature
+    and in-place effects. ``fused``: True runs the one-launch Triton step (``kernels.decode.triton``; on
+    CPU only under TRITON_INTERPRET=1), False the torch path, None the Triton step where ``FUSED_DECODE``
+    is on and it serves ``q``."""
+    if fused is None:
+        fused = FUSED_DECODE and fused_decode_serves(q)
+    if fused:
+        from kernels.decode.triton import local_decode as local_decode_fused
+
+        return local_decode_fused(q, k, v, k_ring, v_ring, pos, w_swa, eps, **rla)
+    from kernels.decode.naive import local_decode_naive
+
+    return local_decode_naive(q, k, v, k_ring, v_ring, pos, w_swa, eps, **rla)

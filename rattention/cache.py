@@ -15,55 +15,19 @@ and no host sync. ``cache_bytes`` gives the same number as ``nbytes`` from the c
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
-from kernels import rla_fold, rla_state
+from kernels import rla_state
+from kernels.ops import DECODE_KEY_BLOCK
 from rattention.config import ModelConfig
 
-BLOCK = 256  # a reserved global buffer holds a multiple of this many positions: ``attend``'s key block
+BLOCK = DECODE_KEY_BLOCK  # a reserved global buffer holds a multiple of this many positions (its key blocks)
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def key_block(s: int, most: int = BLOCK) -> int:
-    """The key block ``attend`` splits a cache of s slots into: the largest divisor of s up to ``most`` (so
-    the blocks are views: a reserved global buffer, a ring of 4097 in blocks of 241), or ``most`` when s
-    has none of at least most/8 (the tail then costs a copy); s itself below 4 blocks."""
-    if s < 4 * most:
-        return s
-    block = next(d for d in range(most, 0, -1) if s % d == 0)
-    return block if block >= most // 8 else most
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """One query step of softmax attention over a cache: q (B, Hq, 1, D) against k, v (B, Hkv, S, D), the
-    slots where ``valid`` (S,) is False masked out; output (B, Hq, 1, D) in v's dtype.
-
-    ``kernels.attention_decode`` computed in a form that keeps a GPU busy at long S: the value sum is
-    split over the key axis in blocks (``key_block``; flash-decoding's split-K, in torch), so
-    B*Hkv*S/block small matmuls run side by side instead of B*Hkv long ones; the partials add up in fp32.
-    """
-    b, hkv, s, d = k.shape
-    g = q.shape[1] // hkv
-    acc = _state_dtype(q.dtype)
-    scores = torch.matmul(q.reshape(b, hkv, g, d), k.transpose(-1, -2)).to(acc) * (1.0 / math.sqrt(d))
-    p = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1).to(v.dtype)  # (B, Hkv, g, S)
-    block = key_block(s)
-    if block == s:
-        return torch.matmul(p, v).reshape(b, hkv * g, 1, d)
-    n = s // block
-    m = n * block
-    blocks = torch.matmul(p[..., :m].reshape(b, hkv, g, n, block).transpose(2, 3),
-                          v[:, :, :m].reshape(b, hkv, n, block, d))  # (B, Hkv, n, g, D)
-    o = blocks.sum(dim=2, dtype=acc)
-    if m < s:
-        o = o + torch.matmul(p[..., m:], v[:, :, m:]).to(acc)
-    return o.to(v.dtype).reshape(b, hkv * g, 1, d)
 
 
 class GlobalCache:
@@ -134,34 +98,6 @@ class LocalCache:
             self.k_raw[:, :, slots] = k_raw[:, :, start:p].detach()
         if self.state is not None:
             self.state.copy_(rla_state(k_raw.detach(), v.detach(), p - self.size, phi))
-
-    def slot(self, pos: torch.Tensor) -> torch.Tensor:
-        """The ring slot of position ``pos``, shape (1,)."""
-        return torch.remainder(pos, self.size).view(1)
-
-    def leaving(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Key and value (B, Hkv, 1, D) in the slot ``pos`` overwrites: position pos-w-1 when pos > w.
-        The key is raw where a raw ring is kept, else as stored (RoPE'd; the caller un-rotates it)."""
-        slot = self.slot(pos)
-        keys = self.k_raw if self.k_raw is not None else self.k
-        return keys.index_select(2, slot), self.v.index_select(2, slot)
-
-    def fold(self, k_raw: torch.Tensor, v: torch.Tensor, phi: str) -> None:
-        """S += phi(k)^T v for the key leaving the window. While pos <= w the slot was never written: its
-        v is 0, so the fold adds exactly 0 and the step needs no branch."""
-        self.state.copy_(rla_fold(self.state, k_raw, v, phi))
-
-    def write(self, pos: torch.Tensor, k: torch.Tensor, k_raw: torch.Tensor, v: torch.Tensor) -> None:
-        """Store position ``pos`` in its slot (after its leaving key has been folded)."""
-        slot = self.slot(pos)
-        self.k.index_copy_(2, slot, k.to(self.k.dtype))
-        self.v.index_copy_(2, slot, v.to(self.v.dtype))
-        if self.k_raw is not None:
-            self.k_raw.index_copy_(2, slot, k_raw.to(self.k_raw.dtype))
-
-    def valid(self, pos: torch.Tensor) -> torch.Tensor:
-        """Which slots hold a position once ``pos`` is written: slot s is filled from step s on. (w+1,)"""
-        return torch.arange(self.size, device=self.k.device) <= pos
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.k, self.v, self.k_raw, self.state) if t is not None]

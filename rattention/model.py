@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from kernels import decode, rms_norm_heads
-from rattention.cache import GlobalCache, LocalCache, ModelCache, attend
+from rattention.cache import GlobalCache, LocalCache, ModelCache
 from rattention.config import ModelConfig
 
 
@@ -49,11 +48,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE's inverse (the rotation by minus the angle), in the angles' dtype: recovers the raw key."""
-    return apply_rope(x.to(cos.dtype), cos, -sin)
-
-
 @dataclass
 class StepAngles:
     """What every layer of one decode step shares: the position ``pos`` (0-dim tensor), RoPE's cos and
@@ -73,10 +67,9 @@ class Attention(nn.Module):
     per-head output-norm scales ``norm_swa`` (starts at 1) and ``norm_rla`` (starts at
     ``rla_norm_init``).
 
-    ``fused_decode`` picks a local layer's decode step: None (default) runs the fused Triton step
-    (``kernels.decode.local_decode``, one launch) where ``kernels.decode.fused_serves`` says so (CUDA with
-    Triton), the torch path elsewhere; True forces the fused step (on CPU under TRITON_INTERPRET=1), False
-    the torch path.
+    ``fused_decode`` picks a local layer's decode step (``kernels.local_decode``): None (default) leaves it
+    to ``kernels.ops.FUSED_DECODE`` (the torch path until the fused Triton step is measured on a GPU), True
+    forces the one-launch Triton step (on CPU under TRITON_INTERPRET=1), False the torch path.
     """
 
     fused_decode: bool | None = None
@@ -154,37 +147,16 @@ class Attention(nn.Module):
         k = self._softmax_qk(k_raw, self.k_norm, at.rope)
         if isinstance(cache, GlobalCache):
             cache.write(at.pos, k, v)
-            o = attend(q, cache.k, cache.v, cache.valid(at.pos))
+            o = kernels.attention_decode(q, cache.k, cache.v, cache.valid(at.pos))
             return self.wo(o.transpose(1, 2).reshape(b, 1, -1))
-        fused = self.fused_decode if self.fused_decode is not None else decode.fused_serves(x, self.head_dim)
-        if fused:
-            return self.wo(self._decode_local_fused(q, q_raw, k, k_raw, v, cache, at).view(b, 1, -1))
-        if cache.state is not None:  # the key at pos-w-1 leaves the window: fold its raw form into S
-            k_old, v_old = cache.leaving(at.pos)
-            if cache.k_raw is None:
-                k_old = unrotate(k_old, *at.rope_leaving)
-            cache.fold(k_old, v_old, self.cfg.feature_map)
-        cache.write(at.pos, k, k_raw, v)
-        o = attend(q, cache.k, cache.v, cache.valid(at.pos))
-        if self.kind == "rattention":
-            o_rla = kernels.rla_decode(q_raw, cache.state, self.cfg.feature_map)
-            o = rms_norm_heads(o, self.norm_swa, self.cfg.norm_eps) + rms_norm_heads(
-                o_rla, self.norm_rla, self.cfg.norm_eps)
-        elif self.output_norm:
-            o = rms_norm_heads(o, self.norm_swa, self.cfg.norm_eps)
-        o = o.to(x.dtype)
-        return self.wo(o.transpose(1, 2).reshape(b, 1, -1))
-
-    def _decode_local_fused(self, q, q_raw, k, k_raw, v, cache: LocalCache, at: StepAngles) -> torch.Tensor:
-        """The local layer's fold, ring write, window attention, RLA read and merge in one launch: output
-        (B, Hq, D) in q's dtype; the ring and S are updated in place."""
         rla = self.kind == "rattention"
-        return decode.local_decode(
+        o = kernels.local_decode(
             q[:, :, 0], k[:, :, 0], v[:, :, 0], cache.k, cache.v, at.pos,
-            self.norm_swa if self.output_norm else None, self.cfg.norm_eps,
+            self.norm_swa if self.output_norm else None, self.cfg.norm_eps, fused=self.fused_decode,
             q_raw=q_raw[:, :, 0] if rla else None, k_raw=k_raw[:, :, 0] if rla else None,
             state=cache.state, w_rla=self.norm_rla if rla else None, phi=self.cfg.feature_map,
             k_raw_ring=cache.k_raw, rope_leaving=at.rope_leaving)
+        return self.wo(o.reshape(b, 1, -1))
 
 
 class MLP(nn.Module):

@@ -1,4 +1,5 @@
-"""The torch reference of a local layer's decode step (the math: kernels/reference.py, DESIGN.md "Decoding").
+"""The torch path of a local layer's decode step (the math: kernels/common.py and each op's naive.py;
+DESIGN.md "Decoding"); kernels.ops.local_decode dispatches to it or to the fused Triton step.
 
 One new token at position ``pos`` per sequence. The ring of w+1 slots holds position p in slot p % (w+1).
 In order: the key at pos-w-1 leaves the window and is folded into the RLA state (S += phi(k)^T v, raw k),
@@ -14,7 +15,8 @@ from kernels import attention_decode, rla_decode, rla_fold, rms_norm_heads
 
 
 def unrotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE's inverse (rotation by minus the angle) in the angles' dtype: the raw key."""
+    """Rotate-half RoPE's inverse (rotation by minus the angle) in the angles' dtype: the raw key. cos/sin
+    broadcast against x's last two dims ((T, D) or (1, D))."""
     x = x.to(cos.dtype)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)

@@ -1,5 +1,5 @@
-"""The fused local-layer decode step (kernels.decode.local_decode, Triton) against its torch path
-(kernels.decode.local_decode_naive, the model's decode ops): output, ring writes and the folded RLA state, for
+"""The fused local-layer decode step (kernels.decode.triton.local_decode) against its torch path
+(kernels.decode.naive.local_decode_naive, the model's decode ops): output, ring writes and the folded RLA state, for
 SWA and RAttention, GQA groups, partly empty / exactly full / wrapped rings, ring sizes that are not a
 multiple of the key block, both feature maps, raw-key ring or un-rotated leaving key.
 
@@ -12,7 +12,8 @@ import os
 import pytest
 import torch
 
-from kernels.decode import local_decode, local_decode_naive
+from kernels.decode.naive import local_decode_naive
+from kernels.decode.triton import local_decode
 from rattention.model import rope_cos_sin
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

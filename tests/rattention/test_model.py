@@ -119,7 +119,7 @@ def test_unrotate_inverts_rope():
     x = torch.randn(2, 3, 5, 8, dtype=torch.float64)
     attn = model(kind="rattention").blocks[0].attn
     cos, sin = attn._rope(torch.tensor([0, 7, 100, 513, 40000]))
-    from rattention.model import unrotate
+    from kernels.decode.naive import unrotate
     assert (unrotate(apply_rope(x, cos, sin), cos, sin) - x).abs().max() < 1e-12
     assert (apply_rope(x, cos, sin) - x).abs().max() > 0.1
 
@@ -286,25 +286,27 @@ def test_float32_forward_backward_runs_and_is_finite():
 
 
 @pytest.mark.parametrize("s", [7, 513, 4 * BLOCK, 4097, 1031])
-def test_split_decode_attention_equals_the_kernels_one(s):
-    """The cache's split-K decode attention (key blocks that divide S, or a tail) against
-    kernels.attention_decode."""
-    from rattention.cache import attend, key_block
+def test_split_decode_attention_equals_plain_softmax(s):
+    """kernels.attention_decode's split-K form (key blocks that divide S, or a tail) against one softmax
+    over all the valid keys."""
+    from kernels.ops import key_block
     assert key_block(513) == 513 and key_block(4097) == 241 and key_block(4 * BLOCK) == BLOCK
     assert key_block(1031) == BLOCK  # a prime: no divisor of at least BLOCK/8, so a tail
     g = torch.Generator().manual_seed(s)
     q = torch.randn(2, 6, 1, 8, dtype=torch.float64, generator=g)
     k, v = (torch.randn(2, 2, s, 8, dtype=torch.float64, generator=g) for _ in range(2))
     valid = torch.arange(s) <= s - 3
-    ref = kernels.attention_decode(q, k, v, valid=valid)
-    assert (attend(q, k, v, valid) - ref).abs().max() < 1e-12
+    kg = k.repeat_interleave(3, dim=1)  # 6 query heads on 2 kv heads
+    scores = (q @ kg.transpose(-1, -2) / 8**0.5).masked_fill(~valid, float("-inf"))
+    ref = torch.softmax(scores, dim=-1) @ v.repeat_interleave(3, dim=1)
+    assert (kernels.attention_decode(q, k, v, valid) - ref).abs().max() < 1e-12
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), reason="needs TRITON_INTERPRET=1 on CPU")
 @pytest.mark.parametrize("kind,qk_norm,phi,n_kv", [("rattention", False, "sm2", 2), ("rattention", True, "relu2", 1),
                                                    ("swa", True, "sm2", 2)])
 def test_fused_local_decode_equals_parallel_forward(kind, qk_norm, phi, n_kv, monkeypatch):
-    """The fused local-layer step (kernels.decode.local_decode, forced on under the interpreter) through the
+    """The fused local-layer step (kernels.local_decode's Triton path, forced on under the interpreter) through the
     model: past the window (folds, un-rotated or raw leaving keys) it equals the parallel forward, and the
     torch step."""
     pytest.importorskip("triton")
@@ -320,8 +322,10 @@ def test_fused_local_decode_equals_parallel_forward(kind, qk_norm, phi, n_kv, mo
     assert (fused - torch_path).abs().max() < 1e-5
 
 
-def test_cpu_decode_keeps_the_torch_path():
-    """On CPU the fused step is off by default (it needs CUDA): the model tests above hold the torch path."""
-    from kernels.decode import fused_serves
+def test_decode_keeps_the_torch_path_by_default():
+    """The fused step is opt-in (kernels.ops.FUSED_DECODE, until a GPU run has timed it) and needs CUDA: the
+    model tests above hold the torch path."""
+    from kernels import ops
 
-    assert Attention.fused_decode is None and not fused_serves(torch.zeros(1), 16)
+    assert Attention.fused_decode is None and not ops.FUSED_DECODE
+    assert not ops.fused_decode_serves(torch.zeros(1, 2, 16))

@@ -70,12 +70,13 @@ def test_decoding_on_cuda_equals_the_parallel_forward(kind, window):
 @pytest.mark.parametrize("kind,window,qk_norm",
                          [("rattention", 16, False), ("rattention", 5, True), ("swa", 16, False)])
 def test_fused_local_decode_through_the_model(kind, window, qk_norm, dtype, monkeypatch):
-    """On CUDA a local layer's decode step is the fused Triton kernel (kernels.decode.local_decode): eager and
-    replayed from a CUDA graph it equals the torch step of the same weights and, in fp32, the parallel forward."""
-    from kernels.decode import fused_serves
+    """On CUDA the fused Triton step of a local layer (kernels.local_decode, fused=True): eager and replayed
+    from a CUDA graph it equals the torch step of the same weights and, in fp32, the parallel forward."""
+    from kernels.ops import fused_decode_serves
 
     m = small(kind, dtype, window=window, qk_norm=qk_norm).eval()
-    assert fused_serves(torch.zeros(1, device="cuda", dtype=m.cfg.torch_dtype), m.cfg.head_dim)
+    assert fused_decode_serves(torch.zeros(1, 2, m.cfg.head_dim, device="cuda", dtype=m.cfg.torch_dtype))
+    monkeypatch.setattr(Attention, "fused_decode", True)
     tokens = torch.randint(0, SMALL["vocab_size"], (2, 60), device="cuda",
                            generator=torch.Generator("cuda").manual_seed(3))
     with torch.no_grad():
