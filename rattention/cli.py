@@ -188,6 +188,8 @@ def _train_here(cfg, config: Path, run_dir: Path | None) -> dict:
         tracker = MlflowTracker(uri, cfg.tracking.experiment, source=config)
     try:
         results = run(cfg, run_dir, tracker=tracker, tags={M.TAG_SOURCE: "local"})
+        if dist.is_initialized():  # the ranks leave together: rank 0 is still closing the run (its files, MLflow)
+            dist.barrier()         # when the others are done, and a rank that exits early has been seen to abort
         return results if not dist.is_initialized() or dist.get_rank() == 0 else {}
     finally:
         if dist.is_initialized():
