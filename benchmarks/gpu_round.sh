@@ -6,7 +6,7 @@
 #   GIT_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_round.sh      # on the GPU box, from the repo root
 #
 # Pure-Python packages the box lacks (pydantic, webdataset, fla for the kernel bench's comparison rows)
-# travel as wheels in .whl/ (see README, "GPU runs"); they are installed into /tmp/site first.
+# travel as wheels in .whl/ (README, "Benchmarks", says how to fetch them); they are installed into /tmp/site first.
 set -u
 OUT=${OUT:-gpu-round}
 mkdir -p "$OUT"
