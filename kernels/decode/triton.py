@@ -168,7 +168,7 @@ def local_decode(
     rope_leaving: tuple[torch.Tensor, torch.Tensor] | None = None, scale: float | None = None,
     block_n: int | None = None,
 ) -> torch.Tensor:
-    """The fused decode step of a local layer: ``kernels.decode.local_decode_naive``'s signature and
+    """The fused decode step of a local layer: ``kernels.decode.naive.local_decode_naive``'s signature and
     effects (output (B, Hq, D) in q's dtype; rings and state updated in place) in one launch.
     ``block_n``: the key block (default 64 on the GPU)."""
     check_launch(q)
